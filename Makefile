@@ -1,0 +1,46 @@
+# The two commands of README.md:
+#   make run    set up everything and start the hub on http://127.0.0.1:8000
+#   make test   set up everything and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+CHP_VERSION ?= 5
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: run test system system-test engine testbed clean
+
+run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
+	@image=$$(PYTHON=$(PY) docker/singleuser/build.sh gpuspawner/singleuser jupyterlab) && \
+	data=$${GPUSPAWNER_DATA_DIR:-.data} && \
+	echo "hub: http://$${GPUSPAWNER_IP:-127.0.0.1}:$${GPUSPAWNER_PORT:-8000}  image: $$image  password: $$data/user-password" && \
+	GPUSPAWNER_IMAGE=$${GPUSPAWNER_IMAGE:-$$image} $(VENV)/bin/jupyterhub -f jupyterhub_config.py
+
+test: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+system:
+	docker/host/system-deps.sh run
+
+system-test:
+	docker/host/system-deps.sh test
+
+# A Docker engine for the hub (a plain dockerd is started as root if none answers).
+engine:
+	tests/testbed/testbed.sh engine
+
+# The test bed's engine: dockerd with the stand-in nvidia-container-runtime-hook if none answers.
+testbed:
+	tests/testbed/testbed.sh start
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/bin/configurable-http-proxy:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	npm install --global --silent --prefix $(VENV) configurable-http-proxy@$(CHP_VERSION)
+
+clean:
+	rm -rf $(VENV) *.egg-info

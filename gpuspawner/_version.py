@@ -1,0 +1,3 @@
+"""gpuspawner's version, in one place."""
+
+__version__ = "0.1.0.dev0"

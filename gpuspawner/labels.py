@@ -1,0 +1,68 @@
+"""Docker labels that mark a container as one of this hub's servers.
+
+Every container GPUSpawner creates carries these labels, so that the hub can rebuild what
+it knows (which servers exist, which devices they hold) from the Docker engine alone after
+a restart, and so that two hubs sharing one engine never mistake each other's containers.
+
+Pure code: no docker, jupyterhub or pynvml imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PREFIX = "gpuspawner."
+HUB = PREFIX + "hub"
+USER = PREFIX + "user"
+SERVER = PREFIX + "server"
+VERSION = PREFIX + "version"
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Which hub, user and server a container belongs to."""
+
+    hub_id: str
+    user: str
+    server: str = ""  # "" is the user's default (unnamed) server
+
+
+def hub_id_for(*, hostname: str, db_url: str) -> str:
+    """A stable identity for one hub: the same host and database give the same id.
+
+    A hub is its database: restarting it keeps the id, while a second hub on the same Docker
+    engine (another database) gets another one.
+    """
+    digest = hashlib.sha256(f"{hostname}\n{db_url}".encode()).hexdigest()
+    return "hub-" + digest[:12]
+
+
+def server_labels(identity: ServerIdentity, *, version: str) -> dict[str, str]:
+    """The labels to put on a server's container."""
+    return {
+        HUB: identity.hub_id,
+        USER: identity.user,
+        SERVER: identity.server,
+        VERSION: version,
+    }
+
+
+def identity_from_labels(labels: Mapping[str, str] | None) -> ServerIdentity | None:
+    """Read back the identity of a container from its labels; None if it is not a gpuspawner server."""
+    if not labels or HUB not in labels or USER not in labels:
+        return None
+    return ServerIdentity(hub_id=labels[HUB], user=labels[USER], server=labels.get(SERVER, ""))
+
+
+def hub_filter(hub_id: str) -> dict[str, list[str]]:
+    """A filter for the Docker API's container list: this hub's containers only."""
+    return {"label": [f"{HUB}={hub_id}"]}
+
+
+def merge_labels(configured: Mapping[str, str] | None, ours: Mapping[str, str]) -> dict[str, str]:
+    """Admin-configured labels plus ours; ours win, since the hub's bookkeeping depends on them."""
+    merged = dict(configured or {})
+    merged.update(ours)
+    return merged

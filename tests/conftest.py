@@ -1,0 +1,109 @@
+"""Fixtures of the test bed: a real Docker engine, real images, a local registry, real hubs.
+
+Tests marked ``docker`` need a Docker engine. Where none answers they are skipped, and the
+run's header says why in one line; with ``GPUSPAWNER_REQUIRE_DOCKER=1`` (CI) a missing engine
+or a missing piece of the test bed fails them instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed import DockerBed, Registry, docker_problem, require_docker
+from testbed.hub import HubSettings, RunningHub, chp_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    problem = docker_problem()
+    if problem is None:
+        return "docker engine: answers; end-to-end tests run"
+    verdict = "they FAIL (GPUSPAWNER_REQUIRE_DOCKER=1)" if require_docker() else "end-to-end tests are skipped"
+    return f"docker engine: {problem}; {verdict}"
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail where the test bed is required (CI)."""
+    if require_docker():
+        pytest.fail(f"{reason} (GPUSPAWNER_REQUIRE_DOCKER=1: the test bed must be complete)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_bed() -> DockerBed:
+    problem = docker_problem()
+    if problem is not None:
+        unavailable(problem)
+    return DockerBed()
+
+
+@pytest.fixture(scope="session")
+def singleuser_image(docker_bed: DockerBed) -> str:
+    """A light image running the real jupyterhub-singleuser as a non-root user (built once)."""
+    out = subprocess.run(
+        [str(ROOT / "docker/singleuser/build.sh"), "gpuspawner-test/singleuser", "jupyter_server"],
+        env=dict(os.environ, PYTHON=sys.executable),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def registry(docker_bed: DockerBed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A real registry (Debian's docker-registry) on 127.0.0.1, for real repository digests."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        unavailable("docker-registry is not installed (Debian package docker-registry)")
+    reg = Registry.start(binary, tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def hub_token() -> str:
+    return secrets.token_hex(32)
+
+
+@pytest.fixture
+def start_hub(
+    docker_bed: DockerBed, singleuser_image: str, tmp_path: Path, hub_token: str
+) -> Iterator[Callable[..., RunningHub]]:
+    """Start real hubs (GPUSpawner, real proxy, real containers); all are stopped afterwards.
+
+    Each test's hub has its own hub_id, so the containers it leaves behind, if any, are found
+    by their labels and removed.
+    """
+    if chp_path() is None:
+        unavailable("configurable-http-proxy is not installed (npm install -g configurable-http-proxy)")
+    hubs: list[RunningHub] = []
+    hub_id = "test-" + secrets.token_hex(4)
+
+    def start(*, extra: str = "") -> RunningHub:
+        settings = HubSettings(
+            workdir=tmp_path,
+            image=singleuser_image,
+            hub_ip=docker_bed.bridge_gateway,
+            token=hub_token,
+            hub_id=hub_id,
+            extra=extra,
+        )
+        hub = RunningHub(settings)
+        hubs.append(hub)
+        return hub.start()
+
+    yield start
+    for hub in hubs:
+        hub.stop()
+    for c in docker_bed.containers_labelled(f"gpuspawner.hub={hub_id}"):
+        docker_bed.api.remove_container(c["Id"], force=True)
