@@ -3,7 +3,19 @@
 Use it with ``c.JupyterHub.spawner_class = "gpu"``.
 """
 
+from typing import Any
+
 from ._version import __version__
-from .spawner import GPUSpawner
 
 __all__ = ["GPUSpawner", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # GPUSpawner is looked up here when JupyterHub resolves its spawner_class: the moment to
+    # have the hub's configuration checked before it serves anyone.
+    if name == "GPUSpawner":
+        from .spawner import GPUSpawner, check_when_the_hub_starts
+
+        check_when_the_hub_starts()
+        return GPUSpawner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

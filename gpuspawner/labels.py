@@ -18,6 +18,7 @@ HUB = PREFIX + "hub"
 USER = PREFIX + "user"
 SERVER = PREFIX + "server"
 VERSION = PREFIX + "version"
+DEVICES = PREFIX + "devices"  # comma-separated UUIDs of the GPUs / MIG devices the server holds
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,20 @@ def hub_id_for(*, hostname: str, db_url: str) -> str:
     return "hub-" + digest[:12]
 
 
-def server_labels(identity: ServerIdentity, *, version: str) -> dict[str, str]:
-    """The labels to put on a server's container."""
+def server_labels(identity: ServerIdentity, *, version: str, devices: tuple[str, ...] = ()) -> dict[str, str]:
+    """The labels to put on a server's container, with the devices it holds."""
     return {
         HUB: identity.hub_id,
         USER: identity.user,
         SERVER: identity.server,
         VERSION: version,
+        DEVICES: ",".join(devices),
     }
+
+
+def devices_from_labels(labels: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The device UUIDs a container's labels say it holds."""
+    return tuple(u for u in (labels or {}).get(DEVICES, "").split(",") if u)
 
 
 def identity_from_labels(labels: Mapping[str, str] | None) -> ServerIdentity | None:

@@ -89,7 +89,7 @@ def start_hub(
     hubs: list[RunningHub] = []
     hub_id = "test-" + secrets.token_hex(4)
 
-    def start(*, extra: str = "") -> RunningHub:
+    def start(*, extra: str = "", timeout: float = 60) -> RunningHub:
         settings = HubSettings(
             workdir=tmp_path,
             image=singleuser_image,
@@ -100,7 +100,7 @@ def start_hub(
         )
         hub = RunningHub(settings)
         hubs.append(hub)
-        return hub.start()
+        return hub.start(timeout=timeout)
 
     yield start
     for hub in hubs:

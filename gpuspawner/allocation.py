@@ -1,0 +1,226 @@
+"""Which devices a server gets: the allocation decision, as pure code.
+
+``allocate()`` takes a request, the inventory and the claims (which device is held by which
+server of this hub) and returns a :class:`Grant` or a :class:`Refusal` whose message says,
+in words, why nothing fits. The same inputs always give the same answer.
+
+A device is free when it is healthy, not held by another server of this hub, and not busy
+outside the hub (no compute processes, memory used below a threshold). A GPU in MIG mode is
+never handed out whole, only its MIG devices are.
+
+Choice among free devices: a request for 2 or more GPUs prefers GPUs close together in the
+PCIe topology NVML reports (the smallest sum of pairwise topology levels, like the Kubernetes
+device plugin's best-effort policy), then the stable order of PCI bus id and UUID. One GPU
+or one MIG device is the first free one in that order.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .devices import Device, Inventory, format_bytes
+
+
+@dataclass(frozen=True)
+class GPURequest:
+    """What a server asks for: ``count`` whole GPUs, or one MIG device of ``mig_profile``.
+
+    ``model`` is a regular expression searched (case-insensitively) in the GPU model name, for
+    example ``"A100|H100"``; ``min_memory`` is the least memory per device, in bytes.
+    """
+
+    count: int = 0
+    mig_profile: str | None = None
+    model: str | None = None
+    min_memory: int = 0
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.count > 0 or self.mig_profile is not None
+
+    @property
+    def device_count(self) -> int:
+        return 1 if self.mig_profile else self.count
+
+    def describe(self) -> str:
+        """The request in words: "2 × A100|H100 ≥ 40 GiB", "1 × MIG 1g.10gb", "no GPU"."""
+        if not self.wants_gpu:
+            return "no GPU"
+        what = f"MIG {self.mig_profile}" if self.mig_profile else (self.model or "any GPU")
+        if self.mig_profile and self.model:
+            what = f"{self.model} {what}"
+        text = f"{self.device_count} × {what}"
+        if self.min_memory:
+            text += f" ≥ {format_bytes(self.min_memory)}"
+        return text
+
+    def matches(self, device: Device) -> bool:
+        """Whether the device is of the kind asked for (free or not)."""
+        if self.mig_profile is not None:
+            if not device.is_mig or device.mig_profile != self.mig_profile:
+                return False
+        elif device.is_mig or device.mig_enabled:
+            return False
+        if self.model and not re.search(self.model, device.model, re.IGNORECASE):
+            return False
+        return device.memory_total >= self.min_memory
+
+
+@dataclass(frozen=True, order=True)
+class Holder:
+    """A server of this hub that holds devices."""
+
+    user: str
+    server: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.user}/{self.server}" if self.server else self.user
+
+
+class Status(enum.Enum):
+    FREE = "free"
+    HELD = "held"  # by a server of this hub
+    BUSY = "busy"  # used outside the hub
+    UNHEALTHY = "unhealthy"
+
+
+def device_status(device: Device, claims: Mapping[str, Holder], *, busy_memory_threshold: int) -> Status:
+    """Where one device stands. Claims come first: a held device also shows its holder's processes."""
+    if not device.healthy or not device.uuid:
+        return Status.UNHEALTHY
+    if device.uuid in claims:
+        return Status.HELD
+    if device.processes or device.memory_used > busy_memory_threshold:
+        return Status.BUSY
+    return Status.FREE
+
+
+@dataclass(frozen=True)
+class Grant:
+    devices: tuple[Device, ...]
+
+    @property
+    def uuids(self) -> tuple[str, ...]:
+        return tuple(d.uuid for d in self.devices)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request cannot be met now, counted over the devices of the kind asked for."""
+
+    request: GPURequest
+    free: int = 0
+    held: int = 0
+    busy: int = 0
+    unhealthy: int = 0
+    holders: tuple[Holder, ...] = ()
+    problem: str | None = None  # the inventory could not be read at all
+    host_models: tuple[str, ...] = ()  # what the host has, when nothing matches
+
+    @property
+    def matching(self) -> int:
+        return self.free + self.held + self.busy + self.unhealthy
+
+    @property
+    def can_wait(self) -> bool:
+        """Whether waiting could help: devices of this kind exist, enough of them, and are only taken."""
+        return self.problem is None and self.matching - self.unhealthy >= self.request.device_count
+
+    def message(self, *, admin: bool = False) -> str:
+        """A sentence for the user. Other users' names appear for admins only."""
+        needs = f"needs {self.request.describe()}"
+        if self.problem:
+            return f"No GPU available: {needs}, and {self.problem}."
+        if self.matching == 0:
+            have = ", ".join(self.host_models) or "no GPU"
+            return f"No GPU on this host matches: {needs}; this host has {have}."
+        text = (
+            f"No free GPU for this server: {needs}; {self.free} free, "
+            f"{self.held} held by other servers, {self.busy} busy outside the hub, "
+            f"{self.unhealthy} unhealthy."
+        )
+        if self.matching - self.unhealthy < self.request.device_count:
+            text += " This host never has that many healthy devices of this kind."
+        else:
+            text += " Try again when a server stops."
+        if admin and self.holders:
+            text += " Held by: " + ", ".join(str(h) for h in self.holders) + "."
+        return text
+
+
+def allocate(
+    request: GPURequest,
+    inventory: Inventory,
+    claims: Mapping[str, Holder],
+    *,
+    holder: Holder,
+    busy_memory_threshold: int,
+) -> Grant | Refusal:
+    """Choose devices for `holder`'s server, or say why none fit.
+
+    Devices `holder` itself holds count as free for it: its earlier container is replaced.
+    """
+    if not request.wants_gpu:
+        return Grant(devices=())
+    others = {uuid: h for uuid, h in claims.items() if h != holder}
+    matching = sorted((d for d in inventory.devices if request.matches(d)), key=lambda d: d.order_key)
+    by_status: dict[Status, list[Device]] = {s: [] for s in Status}
+    for device in matching:
+        by_status[device_status(device, others, busy_memory_threshold=busy_memory_threshold)].append(device)
+    free = by_status[Status.FREE]
+
+    if inventory.problem is None and len(free) >= request.device_count:
+        return Grant(devices=_closest(free, request.device_count, inventory))
+
+    held_by = sorted({others[d.uuid] for d in by_status[Status.HELD]})
+    return Refusal(
+        request=request,
+        free=len(free),
+        held=len(by_status[Status.HELD]),
+        busy=len(by_status[Status.BUSY]),
+        unhealthy=len(by_status[Status.UNHEALTHY]),
+        holders=tuple(held_by),
+        problem=inventory.problem,
+        host_models=_host_models(inventory.devices),
+    )
+
+
+def _closest(free: Sequence[Device], count: int, inventory: Inventory) -> tuple[Device, ...]:
+    """`count` devices from `free` (in stable order) with the smallest sum of pairwise distances.
+
+    Greedy from each seed: add the device nearest to those chosen so far. Exact for the usual
+    trees of PCIe switches and NUMA nodes, and O(n² · count) rather than combinatorial.
+    """
+    if count == 1 or not inventory.topology:
+        return tuple(free[:count])
+    best: tuple[int, list[int]] | None = None
+    for seed in range(len(free)):
+        chosen = [seed]
+        # to_chosen[i]: sum of distances from free[i] to every device chosen so far
+        to_chosen = [inventory.distance(free[seed].uuid, d.uuid) for d in free]
+        score = 0
+        while len(chosen) < count:
+            nxt = min((i for i in range(len(free)) if i not in chosen), key=lambda i: (to_chosen[i], i))
+            score += to_chosen[nxt]
+            chosen.append(nxt)
+            for i, d in enumerate(free):
+                to_chosen[i] += inventory.distance(free[nxt].uuid, d.uuid)
+        candidate = (score, sorted(chosen))
+        if best is None or candidate < best:
+            best = candidate
+    assert best is not None
+    return tuple(free[i] for i in best[1])
+
+
+def _host_models(devices: Sequence[Device]) -> tuple[str, ...]:
+    """The host's devices in words, e.g. ("4 × NVIDIA H100 80GB HBM3", "2 × MIG 1g.10gb")."""
+    counts: dict[str, int] = {}
+    for d in devices:
+        if d.mig_enabled:
+            continue
+        key = f"MIG {d.mig_profile} on {d.model}" if d.is_mig else d.name
+        counts[key] = counts.get(key, 0) + 1
+    return tuple(f"{n} × {name}" for name, n in counts.items())

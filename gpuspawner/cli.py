@@ -1,0 +1,187 @@
+"""The ``gpuspawner`` command, for lab admins.
+
+    gpuspawner gpus [-f jupyterhub_config.py] [--json]
+
+lists every device of this host (index, UUID, model, memory, utilization, health) and where
+it stands: free, busy outside the hub, or held by which server of the hub. It reads the hub's
+configuration for the hub's identity and thresholds, NVML for the devices and the Docker
+engine for the claims, exactly as the hub does before each allocation.
+
+Errors become one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import labels, settings
+from .allocation import Holder, Status, device_status
+from .devices import Device, Inventory, format_bytes
+
+
+class CLIError(Exception):
+    """A failure to report as one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    hub_id: str
+    busy_memory_threshold: int
+
+
+def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSettings:
+    """GPUSpawner's settings from a jupyterhub_config.py, resolved as the hub resolves them."""
+    from jupyterhub.app import JupyterHub
+
+    from .spawner import _hub_db_url, check_config, config_value
+
+    app = JupyterHub.instance()
+    if config_file:
+        path = Path(config_file).resolve()
+        if not path.exists():
+            raise CLIError(f"no configuration file at {path}")
+        # Relative paths in the config (the hub database's, say) mean what they mean to a
+        # hub started in the config's folder.
+        os.chdir(path.parent)
+        app.load_config_file(str(path))
+    check_config(app.config)
+    threshold = settings.parse_bytes(
+        config_value(app.config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
+    )
+    resolved = hub_id or config_value(app.config, "hub_id", fallback="") or labels.hub_id_for(
+        hostname=socket.gethostname(), db_url=_hub_db_url()
+    )
+    return HubSettings(hub_id=resolved, busy_memory_threshold=threshold)
+
+
+def engine_claims(hub_id: str) -> dict[str, Holder]:
+    import docker
+
+    from .claims import claims_from_containers
+
+    try:
+        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+        containers = client.containers(all=True, filters=labels.hub_filter(hub_id))
+    except docker.errors.DockerException as e:
+        raise CLIError(f"cannot read the hub's containers from the Docker engine: {e}") from None
+    return claims_from_containers(containers, hub_id=hub_id)
+
+
+def device_rows(inventory: Inventory, claims: dict[str, Holder], *, busy_memory_threshold: int) -> list[dict[str, Any]]:
+    """One dict per device, for the table and for --json."""
+    rows = []
+    for d in inventory.devices:
+        status = device_status(d, claims, busy_memory_threshold=busy_memory_threshold)
+        if d.mig_enabled:
+            where = "MIG mode: see its MIG devices"
+        elif status is Status.HELD:
+            where = f"held by {claims[d.uuid]}"
+        elif status is Status.BUSY:
+            where = _busy_reason(d)
+        else:
+            where = status.value
+        rows.append(
+            {
+                "index": f"{d.index}" if not d.is_mig else f"{d.index}:mig",
+                "uuid": d.uuid or None,
+                "model": d.name,
+                "mig_profile": d.mig_profile,
+                "memory_total": d.memory_total,
+                "memory_used": d.memory_used,
+                "utilization": d.utilization,
+                "health": "ok" if d.healthy else d.problem,
+                "status": status.value,
+                "holder": str(claims[d.uuid]) if status is Status.HELD else None,
+                "where": where,
+            }
+        )
+    return rows
+
+
+def _busy_reason(d: Device) -> str:
+    if d.processes:
+        n = len(d.processes)
+        return f"busy outside the hub ({n} process{'es' if n > 1 else ''})"
+    return f"busy outside the hub ({format_bytes(d.memory_used)} in use)"
+
+
+def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: str) -> str:
+    header = ("INDEX", "UUID", "MODEL", "MEMORY USED", "UTIL", "HEALTH", "STATUS")
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r["index"],
+                r["uuid"] or "-",
+                r["model"],
+                f"{format_bytes(r['memory_used'])} / {format_bytes(r['memory_total'])}" if r["memory_total"] else "-",
+                "-" if r["utilization"] is None else f"{r['utilization']}%",
+                r["health"],
+                r["where"],
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    if inventory.problem:
+        summary = f"No GPUs: {inventory.problem}."
+    else:
+        held = sum(1 for r in rows if r["status"] == Status.HELD.value)
+        free = sum(1 for r in rows if r["status"] == Status.FREE.value and "MIG mode" not in r["where"])
+        summary = (
+            f"NVIDIA driver {inventory.driver_version}, CUDA {inventory.cuda_driver_version}; "
+            f"hub {hub_id}: {free} free, {held} held by its servers."
+        )
+    return text + "\n" + summary if rows else summary
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from .nvml import read_inventory
+
+    hub = load_hub_settings(args.config, hub_id=args.hub_id)
+    inventory = read_inventory()
+    claims = engine_claims(hub.hub_id)
+    rows = device_rows(inventory, claims, busy_memory_threshold=hub.busy_memory_threshold)
+    if args.json:
+        out = {
+            "hub_id": hub.hub_id,
+            "driver_version": inventory.driver_version,
+            "cuda_driver_version": inventory.cuda_driver_version,
+            "problem": inventory.problem,
+            "devices": rows,
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(rows, inventory, hub.hub_id))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuspawner", description="Admin tools for gpuspawner hubs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gpus = sub.add_parser("gpus", help="list the host's GPUs and which server holds each")
+    gpus.add_argument(
+        "-f", "--config", default="jupyterhub_config.py" if os.path.exists("jupyterhub_config.py") else None,
+        help="the hub's jupyterhub_config.py (default: ./jupyterhub_config.py if present)",
+    )
+    gpus.add_argument("--hub-id", help="the hub's GPUSpawner.hub_id, if not the configured or derived one")
+    gpus.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    gpus.set_defaults(run=cmd_gpus)
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+        return result
+    except (CLIError, settings.ConfigError) as e:
+        print(f"gpuspawner {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
