@@ -224,3 +224,73 @@ def _host_models(devices: Sequence[Device]) -> tuple[str, ...]:
         key = f"MIG {d.mig_profile} on {d.model}" if d.is_mig else d.name
         counts[key] = counts.get(key, 0) + 1
     return tuple(f"{n} × {name}" for name, n in counts.items())
+
+
+# --- What the spawn form shows, and the per-user quota -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a request could start now, in a few words for the spawn form."""
+
+    startable: bool
+    text: str
+
+
+def availability(
+    request: GPURequest,
+    inventory: Inventory,
+    claims: Mapping[str, Holder],
+    *,
+    holder: Holder,
+    busy_memory_threshold: int,
+) -> Availability:
+    """E.g. "3 of 4 NVIDIA H100 80GB HBM3 free", "none free", "no NVIDIA driver on this host"."""
+    if not request.wants_gpu:
+        return Availability(True, "no GPU needed")
+    if inventory.problem:
+        return Availability(False, "no NVIDIA driver on this host")
+    result = allocate(request, inventory, claims, holder=holder, busy_memory_threshold=busy_memory_threshold)
+    matching = [d for d in inventory.devices if request.matches(d) and d.healthy]
+    models = {d.name if not d.is_mig else f"MIG {d.mig_profile}" for d in matching}
+    label = models.pop() if len(models) == 1 else "GPUs"
+    if isinstance(result, Grant):
+        free = sum(
+            1 for d in matching
+            if device_status(d, {u: h for u, h in claims.items() if h != holder},
+                             busy_memory_threshold=busy_memory_threshold) is Status.FREE
+        )
+        return Availability(True, f"{free} of {len(matching)} {label} free")
+    if not matching:
+        return Availability(False, "no matching GPU on this host")
+    if result.free == 0:
+        return Availability(False, f"none free ({len(matching)} × {label}, all in use)")
+    return Availability(False, f"{result.free} of {len(matching)} {label} free, needs {request.device_count}")
+
+
+def quota_for(groups: Sequence[str], *, default: int | None, per_group: Mapping[str, int]) -> int | None:
+    """A user's GPU quota: the largest of their groups' values, else the default (None: no quota)."""
+    values = [per_group[g] for g in groups if g in per_group]
+    return max(values) if values else default
+
+
+def quota_refusal(
+    request: GPURequest, claims: Mapping[str, Holder], *, holder: Holder, quota: int | None
+) -> str | None:
+    """Why this spawn would take the user past their GPU quota, or None if it would not.
+
+    Devices held by the user's other servers count, one per GPU or MIG device; the server being
+    started does not count its own earlier devices.
+    """
+    if quota is None or not request.wants_gpu:
+        return None
+    others = [h for h in claims.values() if h.user == holder.user and h != holder]
+    if len(others) + request.device_count <= quota:
+        return None
+    servers = sorted({h.server or "(default server)" for h in others})
+    held = f"{len(others)} held by your other servers ({', '.join(servers)})" if others else "none held now"
+    return (
+        f"GPU quota reached: you may hold {quota} GPU{'s' if quota != 1 else ''} across your servers; "
+        f"{held}, and this server needs {request.device_count}. "
+        "Stop another server or choose a profile with fewer GPUs."
+    )

@@ -37,6 +37,17 @@ def claims_from_containers(containers: Iterable[Mapping[str, Any]], *, hub_id: s
     return claims
 
 
+def profiles_of_servers(containers: Iterable[Mapping[str, Any]], *, hub_id: str) -> dict[Holder, str]:
+    """Holder -> profile slug, for this hub's live containers started from a profile."""
+    found: dict[Holder, str] = {}
+    for container in containers:
+        identity = labels.identity_from_labels(container.get("Labels"))
+        profile = (container.get("Labels") or {}).get(labels.PROFILE, "")
+        if identity and identity.hub_id == hub_id and profile and container.get("State") in HOLDING_STATES:
+            found[Holder(user=identity.user, server=identity.server)] = profile
+    return found
+
+
 class ClaimBook:
     """Pending claims of spawns in progress in this hub process.
 

@@ -62,28 +62,36 @@ def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSett
     return HubSettings(hub_id=resolved, busy_memory_threshold=threshold)
 
 
-def engine_claims(hub_id: str) -> dict[str, Holder]:
+def hub_containers(hub_id: str) -> list[dict[str, Any]]:
+    """This hub's containers, as the Docker API lists them."""
     import docker
-
-    from .claims import claims_from_containers
 
     try:
         client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
-        containers = client.containers(all=True, filters=labels.hub_filter(hub_id))
+        containers: list[dict[str, Any]] = client.containers(all=True, filters=labels.hub_filter(hub_id))
     except docker.errors.DockerException as e:
         raise CLIError(f"cannot read the hub's containers from the Docker engine: {e}") from None
-    return claims_from_containers(containers, hub_id=hub_id)
+    return containers
 
 
-def device_rows(inventory: Inventory, claims: dict[str, Holder], *, busy_memory_threshold: int) -> list[dict[str, Any]]:
+def device_rows(
+    inventory: Inventory,
+    claims: dict[str, Holder],
+    *,
+    busy_memory_threshold: int,
+    server_profiles: dict[Holder, str] | None = None,
+) -> list[dict[str, Any]]:
     """One dict per device, for the table and for --json."""
+    server_profiles = server_profiles or {}
     rows = []
     for d in inventory.devices:
         status = device_status(d, claims, busy_memory_threshold=busy_memory_threshold)
         if d.mig_enabled:
             where = "MIG mode: see its MIG devices"
         elif status is Status.HELD:
-            where = f"held by {claims[d.uuid]}"
+            holder = claims[d.uuid]
+            profile = server_profiles.get(holder)
+            where = f"held by {holder}" + (f" (profile {profile})" if profile else "")
         elif status is Status.BUSY:
             where = _busy_reason(d)
         else:
@@ -100,6 +108,7 @@ def device_rows(inventory: Inventory, claims: dict[str, Holder], *, busy_memory_
                 "health": "ok" if d.healthy else d.problem,
                 "status": status.value,
                 "holder": str(claims[d.uuid]) if status is Status.HELD else None,
+                "profile": server_profiles.get(claims[d.uuid]) if status is Status.HELD else None,
                 "where": where,
             }
         )
@@ -146,9 +155,16 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     from .nvml import read_inventory
 
     hub = load_hub_settings(args.config, hub_id=args.hub_id)
+    from .claims import claims_from_containers, profiles_of_servers
+
     inventory = read_inventory()
-    claims = engine_claims(hub.hub_id)
-    rows = device_rows(inventory, claims, busy_memory_threshold=hub.busy_memory_threshold)
+    containers = hub_containers(hub.hub_id)
+    rows = device_rows(
+        inventory,
+        claims_from_containers(containers, hub_id=hub.hub_id),
+        busy_memory_threshold=hub.busy_memory_threshold,
+        server_profiles=profiles_of_servers(containers, hub_id=hub.hub_id),
+    )
     if args.json:
         out = {
             "hub_id": hub.hub_id,

@@ -19,6 +19,7 @@ USER = PREFIX + "user"
 SERVER = PREFIX + "server"
 VERSION = PREFIX + "version"
 DEVICES = PREFIX + "devices"  # comma-separated UUIDs of the GPUs / MIG devices the server holds
+PROFILE = PREFIX + "profile"  # the slug of the profile the server was started with ("" without profiles)
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,17 @@ def hub_id_for(*, hostname: str, db_url: str) -> str:
     return "hub-" + digest[:12]
 
 
-def server_labels(identity: ServerIdentity, *, version: str, devices: tuple[str, ...] = ()) -> dict[str, str]:
-    """The labels to put on a server's container, with the devices it holds."""
+def server_labels(
+    identity: ServerIdentity, *, version: str, devices: tuple[str, ...] = (), profile: str = ""
+) -> dict[str, str]:
+    """The labels to put on a server's container, with the devices it holds and its profile."""
     return {
         HUB: identity.hub_id,
         USER: identity.user,
         SERVER: identity.server,
         VERSION: version,
         DEVICES: ",".join(devices),
+        PROFILE: profile,
     }
 
 

@@ -108,3 +108,10 @@ def check_extra_host_config(value: Any, *, where: str) -> None:
                     f"{where} sets {key!r}; GPUSpawner hands out GPUs itself. "
                     "Remove it and ask for GPUs with GPUSpawner.gpu_request instead."
                 )
+
+
+def parse_count(value: Any, *, where: str) -> int:
+    """A whole number, 0 or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} is {value!r}; allowed: a whole number, 0 or more.")
+    return value

@@ -22,25 +22,31 @@ Override points, for admins who subclass GPUSpawner:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Enum, Float, TraitError, Unicode, default, validate
+from traitlets import Callable, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, default, validate
 from traitlets.config import Config
 
-from . import injection, labels, settings
+from . import injection, labels, profiles, settings
 from ._version import __version__
-from .allocation import Grant, GPURequest, Holder, Refusal, allocate
+from .allocation import Grant, GPURequest, Holder, allocate, availability, quota_for, quota_refusal
 from .claims import ClaimBook, claims_from_containers
+from .devices import Inventory
 from .nvml import NVMLInventory
 
 WAIT_POLL_SECONDS = 2.0
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _hub_db_url() -> str:
@@ -78,6 +84,7 @@ class _HubWide:
 
 
 _hub = _HubWide()
+_NO_GPUS = Inventory()
 
 
 class GPUSpawner(DockerSpawner):
@@ -165,7 +172,80 @@ class GPUSpawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    profiles = Union(
+        [List(), Callable()],
+        default_value=[],
+        help="""
+        The profiles users choose from at login. Empty (the default): no choice, and
+        GPUSpawner behaves as DockerSpawner with ``gpu_request``.
+
+        A list of dicts, or a callable (sync or async) taking the spawner and returning one.
+        Keys: ``slug`` (required; lowercase letters, digits, '-'), ``display_name``
+        (required), ``image`` (required, pinned: see ``image_pinning``), ``description``,
+        ``gpus`` (as ``gpu_request``), ``cpu_limit``, ``mem_limit`` (e.g. ``"32G"``),
+        ``environment`` (dict), ``allowed_groups`` and ``allowed_users`` (lists; neither
+        means everyone), ``default`` (one profile at most). Unknown keys are errors. Close to
+        KubeSpawner's ``profile_list``, with the settings as keys of the profile itself.
+
+        Users choose with ``user_options = {"profile": "<slug>"}`` (form or REST API) and
+        nothing else: an unknown slug is a 400, a profile they may not use a 403, any other
+        key a 400. The list is checked when the hub starts; a callable's result at each use.
+
+        Example::
+
+            c.GPUSpawner.profiles = [
+                {"slug": "cpu", "display_name": "CPU only", "default": True,
+                 "image": "quay.io/jupyter/scipy-notebook:2024-10-07"},
+                {"slug": "a100-1", "display_name": "1 × A100 · PyTorch",
+                 "image": "quay.io/jupyter/pytorch-notebook:cuda12-2024-10-07",
+                 "gpus": {"count": 1, "model": "A100"}, "cpu_limit": 8, "mem_limit": "64G",
+                 "allowed_groups": ["ml-lab"]},
+            ]
+        """,
+    ).tag(config=True)
+
+    image_pinning = Enum(
+        ["tag", "digest"],
+        default_value="tag",
+        help="""
+        What counts as a pinned image in a profile. ``"tag"`` (the default): an explicit tag
+        other than ``latest``, or a digest. ``"digest"``: a digest (``name@sha256:…``) only.
+        An unpinned profile image stops the hub at start. Example:
+        ``c.GPUSpawner.image_pinning = "digest"``.
+        """,
+    ).tag(config=True)
+
+    max_gpus_per_user = Int(
+        None,
+        allow_none=True,
+        help="""
+        The most GPUs (whole GPUs and MIG devices count one each) a user may hold across all
+        their servers at once. ``None`` (the default): no limit. A spawn past it is refused with
+        HTTP 403 saying which servers hold the user's GPUs. Example: ``c.GPUSpawner.max_gpus_per_user = 2``.
+        """,
+    ).tag(config=True)
+
+    max_gpus_per_group = Dict(
+        key_trait=Unicode(),
+        value_trait=Int(),
+        help="""
+        GPU quotas by JupyterHub group, overriding ``max_gpus_per_user`` for their members; a
+        user in several groups gets the largest. Example:
+        ``c.GPUSpawner.max_gpus_per_group = {"students": 1, "staff": 4}``.
+        """,
+    ).tag(config=True)
+
+    profile_form_template = Unicode(
+        "",
+        help="""
+        A Jinja2 template to render the profile chooser instead of gpuspawner's own
+        (``gpuspawner/templates/profiles.html``, whose header lists the variables). Example:
+        ``c.GPUSpawner.profile_form_template = "/etc/jupyterhub/profiles.html"``.
+        """,
+    ).tag(config=True)
+
     gpu_devices: tuple[str, ...] = ()  # UUIDs this server holds, kept in the spawner's state
+    profile_slug: str = ""  # the profile this server was started with, kept in the spawner's state
 
     @default("hub_id")
     def _default_hub_id(self) -> str:
@@ -186,6 +266,16 @@ class GPUSpawner(DockerSpawner):
         _trait_check(settings.parse_seconds, proposal.value, f"GPUSpawner.{proposal.trait.name}")
         return float(proposal.value)
 
+    @validate("profiles")
+    def _check_profiles(self, proposal: Any) -> Any:
+        if not callable(proposal.value):
+            _trait_check(
+                lambda v, where: profiles.parse_profiles(v, where=where, pinning=self.image_pinning),
+                proposal.value,
+                "GPUSpawner.profiles",
+            )
+        return proposal.value
+
     @validate("extra_host_config")
     def _check_extra_host_config(self, proposal: Any) -> Any:
         _trait_check(settings.check_extra_host_config, proposal.value, "DockerSpawner.extra_host_config")
@@ -204,7 +294,9 @@ class GPUSpawner(DockerSpawner):
 
     def container_labels(self) -> dict[str, str]:
         """The labels for this server's container (override point; call super() and add)."""
-        return labels.server_labels(self.server_identity, version=__version__, devices=self.gpu_devices)
+        return labels.server_labels(
+            self.server_identity, version=__version__, devices=self.gpu_devices, profile=self.profile_slug
+        )
 
     # --- State -------------------------------------------------------------------------------
 
@@ -212,18 +304,25 @@ class GPUSpawner(DockerSpawner):
         state: dict[str, Any] = super().get_state()
         if self.gpu_devices:
             state["gpu_devices"] = list(self.gpu_devices)
+        if self.profile_slug:
+            state["profile"] = self.profile_slug
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         self.gpu_devices = tuple(state.get("gpu_devices", ()))
+        self.profile_slug = state.get("profile", "")
 
     def clear_state(self) -> None:
         super().clear_state()
         self.gpu_devices = ()
+        self.profile_slug = ""
 
     def get_env(self) -> dict[str, str]:
         env: dict[str, str] = super().get_env()
+        profile = getattr(self, "_profile", None)
+        if profile is not None:
+            env.update(profile.environment)
         env.update(injection.gpu_environment(self.gpu_devices))
         return env
 
@@ -248,21 +347,114 @@ class GPUSpawner(DockerSpawner):
         containers = await self.docker("containers", all=True, filters=labels.hub_filter(self.hub_id))
         return claims_from_containers(containers, hub_id=self.hub_id)
 
+    # --- Profiles ----------------------------------------------------------------------------
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.user.groups]
+
+    async def resolved_profiles(self) -> tuple[profiles.Profile, ...]:
+        """The configured profiles, calling the callable form; a bad result is the hub's fault (500)."""
+        value = self.profiles
+        if callable(value):
+            value = value(self)
+            if inspect.isawaitable(value):
+                value = await value
+        try:
+            return profiles.parse_profiles(value, where="GPUSpawner.profiles", pinning=self.image_pinning)
+        except settings.ConfigError as e:
+            self.log.error("Bad GPUSpawner.profiles for %s: %s", self._log_name, e)
+            raise web.HTTPError(500, f"The hub's profiles are misconfigured; tell an admin. ({e})") from None
+
+    def _use_profile(self, profile: profiles.Profile | None) -> GPURequest:
+        """Settings for this spawn, built fresh from the profile and the configured defaults.
+
+        The configured values are read once and never changed, so one spawn's profile cannot
+        leak into the next spawn of this server or any other.
+        """
+        base = getattr(self, "_configured", None)
+        if base is None:
+            base = self._configured = {"image": self.image, "mem_limit": self.mem_limit, "cpu_limit": self.cpu_limit}
+        self._profile = profile
+        if profile is None:
+            self.profile_slug = ""
+            self.image, self.mem_limit, self.cpu_limit = base["image"], base["mem_limit"], base["cpu_limit"]
+            return self.requested_gpus
+        self.profile_slug = profile.slug
+        self.image = str(profile.image)
+        self.mem_limit = profile.mem_limit if profile.mem_limit is not None else base["mem_limit"]
+        self.cpu_limit = profile.cpu_limit if profile.cpu_limit is not None else base["cpu_limit"]
+        return profile.gpus
+
+    def run_options_from_form(self, form_data: dict[str, list[str]]) -> Any:
+        if not self.profiles:
+            return super().run_options_from_form(form_data)
+        try:
+            return profiles.options_from_form(form_data)
+        except profiles.OptionsError as e:
+            raise web.HTTPError(e.status, e.message) from None
+
+    def options_from_query(self, query_data: dict[str, list[str]]) -> Any:
+        return self.run_options_from_form(query_data)
+
+    async def get_options_form(self) -> str:
+        """The profile chooser with live availability; DockerSpawner's form without profiles."""
+        configured = await self.resolved_profiles()
+        if not configured:
+            form: str = await super().get_options_form()
+            return form
+        mine = profiles.allowed_profiles(configured, user=self.user.name, groups=self.group_names)
+        inventory, claims = _NO_GPUS, {}
+        if any(p.gpus.wants_gpu for p in mine):
+            claims = _hub.book.merged(await self.engine_claims())
+            inventory = await _hub.inventory(self.nvml_cache_seconds).get()
+        threshold = settings.parse_bytes(self.busy_memory_threshold, where="GPUSpawner.busy_memory_threshold")
+        entries = []
+        for p in mine:
+            avail = availability(p.gpus, inventory, claims, holder=self.holder, busy_memory_threshold=threshold)
+            entries.append({
+                "slug": p.slug, "display_name": p.display_name, "description": p.description,
+                "image": str(p.image), "resources": p.resources(), "availability": avail.text,
+                "startable": avail.startable, "selectable": avail.startable or self.gpu_wait_timeout > 0,
+                "checked": False,
+            })
+        # Pre-select the user's last choice, else the default profile, else the first that can start.
+        default_slug = (profiles.default_profile(mine) or mine[0]).slug if mine else None
+        wanted = [(self.user_options or {}).get("profile"), default_slug]
+        selectable = [e for e in entries if e["selectable"]]
+        chosen = next((e for slug in wanted for e in selectable if e["slug"] == slug), selectable[0] if selectable else None)
+        if chosen is not None:
+            chosen["checked"] = True
+        return self._form_template().render(profiles=entries, waiting=self.gpu_wait_timeout > 0)
+
+    def _form_template(self) -> jinja2.Template:
+        if self.profile_form_template:
+            path = Path(self.profile_form_template)
+            loader = jinja2.FileSystemLoader(str(path.parent))
+            name = path.name
+        else:
+            loader, name = jinja2.FileSystemLoader(str(TEMPLATES)), "profiles.html"
+        return jinja2.Environment(loader=loader, autoescape=True).get_template(name)
+
     # --- Allocation --------------------------------------------------------------------------
 
     @property
     def requested_gpus(self) -> GPURequest:
-        """The GPUs this server asks for (validated when the configuration loaded)."""
+        """The GPUs this server asks for without profiles (validated when the configuration loaded)."""
         return settings.parse_gpu_request(self.gpu_request, where="GPUSpawner.gpu_request")
 
     async def allocate_devices(self, request: GPURequest) -> Grant:
-        """Choose devices and note a pending claim, waiting if configured; else HTTP 503."""
+        """Choose devices and note a pending claim, waiting if configured; else HTTP 403 or 503."""
         waited_since = time.monotonic()
         deadline = waited_since + min(self.gpu_wait_timeout, self.start_timeout)
         threshold = settings.parse_bytes(self.busy_memory_threshold, where="GPUSpawner.busy_memory_threshold")
+        quota = quota_for(self.group_names, default=self.max_gpus_per_user, per_group=self.max_gpus_per_group)
         while True:
             async with _hub.lock:
                 claims = _hub.book.merged(await self.engine_claims())
+                over_quota = quota_refusal(request, claims, holder=self.holder, quota=quota)
+                if over_quota:
+                    raise web.HTTPError(403, over_quota)
                 inventory = await _hub.inventory(self.nvml_cache_seconds).get()
                 result = allocate(
                     request, inventory, claims, holder=self.holder, busy_memory_threshold=threshold
@@ -290,9 +482,23 @@ class GPUSpawner(DockerSpawner):
             await self.stop_object()
             await self.remove_object()
 
+    async def pull_image(self, image: str) -> None:
+        self._progress(f"Checking image {image}")
+        await super().pull_image(image)
+
     async def start(self) -> Any:
         self._progress_events = []
-        request = self.requested_gpus
+        configured = await self.resolved_profiles()
+        profile = None
+        if configured:
+            try:
+                profile = profiles.choose_profile(
+                    configured, self.user_options, user=self.user.name, groups=self.group_names
+                )
+            except profiles.OptionsError as e:
+                raise web.HTTPError(e.status, e.message) from None
+            self._progress(f"Profile: {profile.display_name} ({profile.resources()})")
+        request = self._use_profile(profile)
         if request.wants_gpu:
             self._progress(f"Looking for {request.describe()}")
             grant = await self.allocate_devices(request)
@@ -302,11 +508,8 @@ class GPUSpawner(DockerSpawner):
         try:
             if grant.devices:
                 self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
-                self._progress(
-                    "Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices)
-                )
+                self._progress("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
             await self._replace_container_with_other_devices()
-            self._progress("Starting container")
             result = await super().start()
         except BaseException:
             self.gpu_devices = ()
@@ -315,6 +518,10 @@ class GPUSpawner(DockerSpawner):
             # Started: the running container's labels hold the devices. Failed: nothing does.
             _hub.book.release(self.holder)
         return result
+
+    async def start_object(self) -> None:
+        self._progress("Starting container")
+        await super().start_object()
 
     async def stop(self, now: bool = False) -> None:
         await super().stop(now=now)
@@ -378,9 +585,26 @@ def check_config(config: Config, cls: type = GPUSpawner) -> None:
         v = config_value(config, name, cls=cls)
         if v is not _MISSING and not callable(v):
             parse(v, where=f"{owner}.{name}")
-    mode = config_value(config, "device_injection", cls=cls)
-    if mode is not _MISSING and mode not in ("nvidia", "cdi"):
-        raise settings.ConfigError(f"GPUSpawner.device_injection is {mode!r}; allowed: 'nvidia' or 'cdi'.")
+    for name, allowed in (("device_injection", ("nvidia", "cdi")), ("image_pinning", ("tag", "digest"))):
+        v = config_value(config, name, cls=cls)
+        if v is not _MISSING and v not in allowed:
+            raise settings.ConfigError(
+                f"GPUSpawner.{name} is {v!r}; allowed: {' or '.join(repr(a) for a in allowed)}."
+            )
+    per_user = config_value(config, "max_gpus_per_user", cls=cls)
+    if per_user is not _MISSING and per_user is not None:
+        settings.parse_count(per_user, where="GPUSpawner.max_gpus_per_user")
+    per_group = config_value(config, "max_gpus_per_group", cls=cls, fallback={})
+    if not isinstance(per_group, dict):
+        raise settings.ConfigError(
+            f"GPUSpawner.max_gpus_per_group is {per_group!r}; allowed: a dict of group name to GPU count."
+        )
+    for group, count in per_group.items():
+        settings.parse_count(count, where=f"GPUSpawner.max_gpus_per_group[{group!r}]")
+    configured = config_value(config, "profiles", cls=cls)
+    if configured is not _MISSING and not callable(configured):
+        pinning = config_value(config, "image_pinning", cls=cls, fallback="tag")
+        profiles.parse_profiles(configured, where="GPUSpawner.profiles", pinning=pinning)
 
 
 _check_scheduled = False

@@ -107,3 +107,16 @@ def start_hub(
         hub.stop()
     for c in docker_bed.containers_labelled(f"gpuspawner.hub={hub_id}"):
         docker_bed.api.remove_container(c["Id"], force=True)
+
+
+@pytest.fixture(scope="session")
+def lab_image(docker_bed: DockerBed) -> str:
+    """The single-user image with JupyterLab (the one `make run` uses), built once."""
+    out = subprocess.run(
+        [str(ROOT / "docker/singleuser/build.sh"), "gpuspawner/singleuser", "jupyterlab"],
+        env=dict(os.environ, PYTHON=sys.executable),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]

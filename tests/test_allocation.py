@@ -164,3 +164,49 @@ def test_cpu_only_requests_need_no_driver() -> None:
 )
 def test_requests_in_words(request_: GPURequest, text: str) -> None:
     assert request_.describe() == text
+
+
+# --- Availability on the spawn form, and quotas ----------------------------------------------------
+
+from gpuspawner.allocation import Availability, availability, quota_for, quota_refusal  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("request_", "inventory", "claims", "expected"),
+    [
+        (GPURequest(), inv(problem="no driver"), {}, Availability(True, "no GPU needed")),
+        (GPURequest(count=1), inv(problem="no driver"), {}, Availability(False, "no NVIDIA driver on this host")),
+        (GPURequest(count=1, model="H100"), inv(gpu(0, name="NVIDIA H100 80GB HBM3"), gpu(1, name="NVIDIA H100 80GB HBM3"), gpu(2)),
+         {"GPU-0": Holder("bob")}, Availability(True, "1 of 2 NVIDIA H100 80GB HBM3 free")),
+        (GPURequest(count=1), inv(gpu(0), gpu(1)), {"GPU-0": Holder("bob"), "GPU-1": Holder("eve")},
+         Availability(False, "none free (2 × NVIDIA A100-SXM4-80GB, all in use)")),
+        (GPURequest(count=2), inv(gpu(0), gpu(1)), {"GPU-0": Holder("bob")},
+         Availability(False, "1 of 2 NVIDIA A100-SXM4-80GB free, needs 2")),
+        (GPURequest(mig_profile="1g.10gb"), inv(gpu(0, mig_enabled=True), mig(0, 0), mig(0, 1)), {},
+         Availability(True, "2 of 2 MIG 1g.10gb free")),
+        (GPURequest(count=1, model="H100"), inv(gpu(0)), {}, Availability(False, "no matching GPU on this host")),
+    ],
+    ids=["cpu", "no-driver", "some-free", "none-free", "not-enough", "mig", "no-match"],
+)
+def test_availability_in_words(request_: GPURequest, inventory: Inventory, claims: dict, expected: Availability) -> None:
+    assert availability(request_, inventory, claims, holder=ME, busy_memory_threshold=THRESHOLD) == expected
+
+
+def test_quota_is_the_largest_of_the_users_groups_else_the_default() -> None:
+    assert quota_for(["students"], default=2, per_group={"students": 1, "staff": 4}) == 1
+    assert quota_for(["students", "staff"], default=2, per_group={"students": 1, "staff": 4}) == 4
+    assert quota_for(["guests"], default=2, per_group={"students": 1}) == 2
+    assert quota_for([], default=None, per_group={}) is None
+
+
+def test_quota_counts_the_users_other_servers() -> None:
+    claims = {"GPU-0": Holder("ada", "train"), "MIG-1-0": Holder("ada", "eval"), "GPU-2": Holder("bob")}
+    assert quota_refusal(GPURequest(count=1), claims, holder=Holder("ada", "new"), quota=3) is None
+    message = quota_refusal(GPURequest(count=2), claims, holder=Holder("ada", "new"), quota=3)
+    assert message == (
+        "GPU quota reached: you may hold 3 GPUs across your servers; 2 held by your other servers "
+        "(eval, train), and this server needs 2. Stop another server or choose a profile with fewer GPUs."
+    )
+    # a server's own earlier devices do not count against it; CPU-only never does
+    assert quota_refusal(GPURequest(count=1), claims, holder=Holder("ada", "train"), quota=2) is None
+    assert quota_refusal(GPURequest(), claims, holder=Holder("ada", "new"), quota=0) is None

@@ -4,13 +4,15 @@ import pytest
 
 from gpuspawner import labels
 from gpuspawner.allocation import Holder
-from gpuspawner.claims import ClaimBook, claims_from_containers
+from gpuspawner.claims import ClaimBook, claims_from_containers, profiles_of_servers
 from gpuspawner.labels import ServerIdentity
 
 
-def container(state: str, *, user: str = "ada", server: str = "", hub: str = "hub-1", devices: tuple = ("GPU-1",)) -> dict:
+def container(
+    state: str, *, user: str = "ada", server: str = "", hub: str = "hub-1", devices: tuple = ("GPU-1",), profile: str = ""
+) -> dict:
     identity = ServerIdentity(hub_id=hub, user=user, server=server)
-    return {"State": state, "Labels": labels.server_labels(identity, version="1", devices=devices)}
+    return {"State": state, "Labels": labels.server_labels(identity, version="1", devices=devices, profile=profile)}
 
 
 @pytest.mark.parametrize(
@@ -41,3 +43,13 @@ def test_pending_claims_join_the_table_until_released() -> None:
     assert book.release(Holder("bob")) == ("GPU-5",)
     assert book.merged({}) == {}
     assert book.release(Holder("bob")) == ()
+
+
+def test_profiles_of_live_servers() -> None:
+    containers = [
+        container("running", profile="a100-1"),
+        container("running", user="bob", profile=""),
+        container("exited", user="eve", profile="cpu"),
+        container("running", user="dan", hub="hub-2", profile="cpu"),
+    ]
+    assert profiles_of_servers(containers, hub_id="hub-1") == {Holder("ada"): "a100-1"}

@@ -2,7 +2,8 @@
 # Make sure the host has what the hub and the test suite need from Debian's packages:
 #
 #   docker/host/system-deps.sh run     for `make run`: a Docker engine, debootstrap, Node.js + npm
-#   docker/host/system-deps.sh test    for `make test`: the same, plus docker-registry
+#   docker/host/system-deps.sh test    for `make test`: the same, plus docker-registry and Chromium
+#                                      with its driver (the browser test)
 #
 # As root on Debian/Ubuntu, missing packages are installed with apt-get; otherwise the script
 # names what to install and fails. Packages already present are left alone.
@@ -10,9 +11,10 @@ set -euo pipefail
 
 declare -A package_of=(
     [dockerd]=docker.io [debootstrap]=debootstrap [npm]=npm [node]=nodejs [docker-registry]=docker-registry
+    [chromium]=chromium [chromedriver]=chromium-driver
 )
 commands=(dockerd debootstrap node npm)
-[ "${1:-}" = test ] && commands+=(docker-registry)
+[ "${1:-}" = test ] && commands+=(docker-registry chromium chromedriver)
 
 missing=()
 for cmd in "${commands[@]}"; do

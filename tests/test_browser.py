@@ -1,0 +1,126 @@
+"""A researcher's login, in a real browser (Debian's Chromium driven by Selenium), against a real hub.
+
+The screenshot of the profile form is saved to test-output/spawn-form.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import simnvml
+from conftest import ROOT, unavailable
+from test_e2e_gpus import container_of, sim_config
+from testbed import DockerBed
+from testbed.hub import RunningHub
+
+pytestmark = pytest.mark.docker
+OUTPUT = ROOT / "test-output"
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed (pip install -e '.[test]')")
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        unavailable("Chromium is not installed (Debian packages chromium and chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1100,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_a_researcher_picks_a_gpu_profile_and_lands_in_jupyterlab(
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, lab_image: str, tmp_path: Path, browser: object
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    spec = simnvml.write_spec(tmp_path / "gpus.json", [
+        simnvml.gpu(0),
+        simnvml.gpu(1, processes=[{"pid": 4242, "used_memory": 8 * 2**30}]),
+        simnvml.gpu(2, mig=[simnvml.mig_device(2, 0), simnvml.mig_device(2, 1)]),
+    ])
+    profiles = [
+        {"slug": "cpu", "display_name": "CPU only", "description": "Pandas, plotting, writing.", "image": lab_image},
+        {"slug": "a100-1", "display_name": "1 × A100 · PyTorch", "description": "A whole A100 for training.",
+         "image": lab_image, "gpus": {"count": 1, "model": "A100"}, "cpu_limit": 2, "mem_limit": "4G",
+         "allowed_groups": ["ml-lab"], "default": True},
+        {"slug": "mig", "display_name": "MIG 1g.10gb slice", "description": "A tenth of an A100 for notebooks.",
+         "image": lab_image, "gpus": {"mig_profile": "1g.10gb"}},
+        {"slug": "h100-2", "display_name": "2 × H100", "description": "For the big runs.",
+         "image": lab_image, "gpus": {"count": 2, "model": "H100"}},
+        {"slug": "course", "display_name": "Course", "image": lab_image, "gpus": {"mig_profile": "1g.10gb"},
+         "allowed_groups": ["students"]},
+    ]
+    hub = start_hub(extra=sim_config(spec, f"""
+c.JupyterHub.load_groups = {{"ml-lab": {{"users": ["ada"]}}}}
+c.GPUSpawner.profiles = {profiles!r}
+c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
+c.Spawner.default_url = "/lab"
+"""))
+
+    driver.get(f"{hub.url}/hub/login")
+    driver.find_element(By.ID, "username_input").send_keys("ada")
+    driver.find_element(By.ID, "password_input").send_keys("any")
+    driver.find_element(By.ID, "login_submit").click()
+    deadline = time.monotonic() + 30
+    while "/hub/spawn" not in driver.current_url and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "/hub/spawn" in driver.current_url, driver.current_url
+
+    radios = driver.find_elements(By.CSS_SELECTOR, "input[name=profile]")
+    assert [r.get_attribute("value") for r in radios] == ["cpu", "a100-1", "mig", "h100-2"]  # not "course"
+    badges = {b.get_attribute("data-availability"): b.text for b in driver.find_elements(By.CSS_SELECTOR, "[data-availability]")}
+    assert badges == {
+        "cpu": "no GPU needed",
+        "a100-1": "1 of 2 NVIDIA A100-SXM4-80GB free",
+        "mig": "2 of 2 MIG 1g.10gb free",
+        "h100-2": "no matching GPU on this host",
+    }
+    enabled = {r.get_attribute("value"): r.is_enabled() for r in radios}
+    assert enabled == {"cpu": True, "a100-1": True, "mig": True, "h100-2": False}
+    assert driver.find_element(By.ID, "profile-a100-1").is_selected()  # the default profile
+    # each choice is labelled, so it is reachable by keyboard and announced by screen readers
+    for r in radios:
+        label = driver.find_element(By.CSS_SELECTOR, f"label[for={r.get_attribute('id')}]")
+        assert label.text
+    OUTPUT.mkdir(exist_ok=True)
+    driver.save_screenshot(str(OUTPUT / "spawn-form.png"))
+
+    driver.find_element(By.CSS_SELECTOR, "label[for=profile-a100-1]").click()
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+
+    log = ""
+    deadline = time.monotonic() + 120
+    while "/user/ada/lab" not in driver.current_url and time.monotonic() < deadline:
+        try:
+            log = driver.find_element(By.ID, "progress-log").get_attribute("textContent") or log
+        except Exception:
+            pass  # the page is changing under us
+        time.sleep(0.2)
+    assert "/user/ada/lab" in driver.current_url, (driver.current_url, log, hub.log_tail())
+    assert "Profile: 1 × A100 · PyTorch" in log
+    assert "Allocated NVIDIA A100-SXM4-80GB" in log
+    assert "Starting container" in log
+    while "JupyterLab" not in driver.title and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "JupyterLab" in driver.title
+    driver.save_screenshot(str(OUTPUT / "jupyterlab.png"))
+
+    record = docker_bed.hook_record(container_of(docker_bed, hub, "ada")["Id"])
+    assert record["devices"] == [simnvml.gpu(0)["uuid"]]

@@ -1,0 +1,47 @@
+"""Image references: parsed and normalised with Docker's defaults; pinned or not."""
+
+import pytest
+
+from gpuspawner.images import ImageRef, ImageReferenceError, is_pinned, parse_image
+
+D = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("python", ImageRef("docker.io", "library/python")),
+        ("python:3.11", ImageRef("docker.io", "library/python", tag="3.11")),
+        ("jupyter/base-notebook:2024-10-07", ImageRef("docker.io", "jupyter/base-notebook", tag="2024-10-07")),
+        ("quay.io/jupyter/pytorch-notebook:cuda12-2024-10-07", ImageRef("quay.io", "jupyter/pytorch-notebook", tag="cuda12-2024-10-07")),
+        ("127.0.0.1:5000/lab/img", ImageRef("127.0.0.1:5000", "lab/img")),
+        ("127.0.0.1:5000/lab/img:v1", ImageRef("127.0.0.1:5000", "lab/img", tag="v1")),
+        (f"localhost/img@{D}", ImageRef("localhost", "img", digest=D)),
+        (f"nvcr.io/nvidia/pytorch:24.09-py3@{D}", ImageRef("nvcr.io", "nvidia/pytorch", tag="24.09-py3", digest=D)),
+    ],
+    ids=["bare", "tag", "user-repo", "other-registry", "registry-port-no-tag", "registry-port-tag", "localhost-digest", "tag-and-digest"],
+)
+def test_references_normalise_like_docker(reference: str, expected: ImageRef) -> None:
+    assert parse_image(reference) == expected
+
+
+@pytest.mark.parametrize("reference", ["", " python", "Python", "python:", "python@sha256:abc", "python:bad tag", "a//b"])
+def test_invalid_references_are_refused(reference: str) -> None:
+    with pytest.raises(ImageReferenceError):
+        parse_image(reference)
+
+
+def test_round_trip_to_the_familiar_form() -> None:
+    assert str(parse_image("python:3.11")) == "python:3.11"
+    assert str(parse_image("127.0.0.1:5000/lab/img:v1")) == "127.0.0.1:5000/lab/img:v1"
+    assert parse_image("python:3.11").by_digest(D) == f"python@{D}"
+
+
+@pytest.mark.parametrize(
+    ("reference", "tag_policy", "digest_policy"),
+    [("python", False, False), ("python:latest", False, False), ("python:3.11", True, False), (f"python@{D}", True, True)],
+)
+def test_what_counts_as_pinned(reference: str, tag_policy: bool, digest_policy: bool) -> None:
+    ref = parse_image(reference)
+    assert is_pinned(ref, pinning="tag") is tag_policy
+    assert is_pinned(ref, pinning="digest") is digest_policy

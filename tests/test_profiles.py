@@ -1,0 +1,117 @@
+"""Profiles: checked when the configuration loads; chosen by slug, and by slug only."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuspawner.allocation import GPURequest
+from gpuspawner.devices import GiB
+from gpuspawner.profiles import OptionsError, choose_profile, options_from_form, parse_profiles
+from gpuspawner.settings import ConfigError
+
+CPU = {"slug": "cpu", "display_name": "CPU only", "image": "lab/notebook:2024.10"}
+A100 = {
+    "slug": "a100-1", "display_name": "1 × A100", "image": "lab/pytorch:2024.10",
+    "gpus": {"count": 1, "model": "A100"}, "cpu_limit": 8, "mem_limit": "64G",
+    "environment": {"OMP_NUM_THREADS": "8"}, "allowed_groups": ["ml-lab"], "default": True,
+}
+COURSE = {"slug": "course", "display_name": "MIG slice", "image": "lab/course:1", "gpus": {"mig_profile": "1g.10gb"},
+          "allowed_users": ["tutor"], "allowed_groups": ["students"]}
+
+
+def test_a_full_profile_parses() -> None:
+    (cpu, a100) = parse_profiles([CPU, A100])
+    assert cpu.gpus == GPURequest() and not cpu.default
+    assert a100.gpus == GPURequest(count=1, model="A100")
+    assert (a100.cpu_limit, a100.mem_limit, a100.default) == (8.0, 64 * GiB, True)
+    assert a100.environment == {"OMP_NUM_THREADS": "8"}
+    assert str(a100.image) == "lab/pytorch:2024.10"
+    assert a100.resources() == "1 × A100 · 8 CPUs · 64 GiB memory"
+
+
+@pytest.mark.parametrize(
+    ("profiles", "message"),
+    [
+        ([{**CPU, "cpus": 2}], "GPUSpawner.profiles[0] (slug 'cpu') has unknown key 'cpus'; allowed keys: slug, display_name"),
+        ([{**CPU, "kubespawner_override": {}}], "GPUSpawner.profiles[0] (slug 'cpu') has unknown key 'kubespawner_override'"),
+        ([CPU, {**A100, "slug": "cpu"}], "GPUSpawner.profiles: profiles 0 and 1 both have slug 'cpu'; slugs must be unique."),
+        ([{k: v for k, v in CPU.items() if k != "image"}], "GPUSpawner.profiles[0] (slug 'cpu') has no 'image'"),
+        ([{**CPU, "image": "lab/notebook"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'image' is 'lab/notebook', which is not pinned; allowed: an explicit tag other than 'latest'"),
+        ([{**CPU, "image": "lab/notebook:latest"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'image' is 'lab/notebook:latest', which is not pinned"),
+        ([{**CPU, "image": "Lab/Notebook:1"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'image' is 'Lab/Notebook:1';"),
+        ([{**CPU, "gpus": {"count": -2}}], "GPUSpawner.profiles[0] (slug 'cpu'): 'gpus': 'count' is -2; allowed: a whole number of GPUs, 0 or more."),
+        ([{**CPU, "gpus": {"count": 2, "mig_profile": "1g.10gb"}}], "GPUSpawner.profiles[0] (slug 'cpu'): 'gpus': 'count' is 2 with 'mig_profile'"),
+        ([{**CPU, "cpu_limit": 0}], "GPUSpawner.profiles[0] (slug 'cpu'): 'cpu_limit' is 0; allowed: a number of CPUs above 0"),
+        ([{**CPU, "slug": "CPU Only"}], "GPUSpawner.profiles[0] (slug 'CPU Only'): 'slug' is 'CPU Only'; allowed: lowercase letters"),
+        ([{**CPU, "allowed_groups": "ml-lab"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'allowed_groups' is 'ml-lab'; allowed: a list of names."),
+        ([{**CPU, "environment": {"N": 1}}], "GPUSpawner.profiles[0] (slug 'cpu'): 'environment' is {'N': 1}; allowed: a dict of text to text."),
+        ([{**CPU, "default": True}, A100], "GPUSpawner.profiles: profiles 'cpu', 'a100-1' are all marked default; mark one."),
+        ({"slug": "cpu"}, "GPUSpawner.profiles is {'slug': 'cpu'}; allowed: a list of profile dicts"),
+    ],
+    ids=["unknown-key", "kubespawner-override", "duplicate-slug", "missing-image", "untagged-image", "latest-image",
+         "invalid-image", "negative-gpus", "mig-with-count", "zero-cpus", "bad-slug", "groups-not-a-list",
+         "env-not-text", "two-defaults", "not-a-list"],
+)
+def test_bad_profiles_are_refused_naming_profile_key_value_and_what_is_allowed(profiles: object, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_profiles(profiles)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_digest_pinning_refuses_tags() -> None:
+    with pytest.raises(ConfigError, match="not pinned; allowed: a digest"):
+        parse_profiles([CPU], pinning="digest")
+    parse_profiles([{**CPU, "image": "lab/notebook@sha256:" + "b" * 64}], pinning="digest")
+
+
+PROFILES = parse_profiles([CPU, A100, COURSE])
+
+
+@pytest.mark.parametrize(
+    ("user", "groups", "options", "slug"),
+    [
+        ("ada", ["ml-lab"], {}, "a100-1"),
+        ("bob", [], {}, "cpu"),
+        ("ada", ["ml-lab"], {"profile": "cpu"}, "cpu"),
+        ("tutor", [], {"profile": "course"}, "course"),
+        ("sam", ["students"], {"profile": "course"}, "course"),
+        ("bob", [], {"profile": ""}, "cpu"),
+    ],
+    ids=["default-profile", "default-not-allowed-falls-to-first-allowed", "chosen", "allowed-by-user", "allowed-by-group", "empty-slug"],
+)
+def test_choosing(user: str, groups: list[str], options: dict, slug: str) -> None:
+    assert choose_profile(PROFILES, options, user=user, groups=groups).slug == slug
+
+
+@pytest.mark.parametrize(
+    ("options", "status", "message"),
+    [
+        ({"profile": "h100-8"}, 400, "Unknown profile 'h100-8'; the profiles you may use: 'cpu'."),
+        ({"profile": "a100-1"}, 403, "Profile 'a100-1' is not open to bob; the profiles you may use: 'cpu'."),
+        ({"profile": "cpu", "image": "evil/miner:1"}, 400, "Unknown option 'image': a server is chosen by profile only"),
+        ({"devices": ["GPU-1"]}, 400, "Unknown option 'devices'"),
+        ({"environment": {"A": "b"}}, 400, "Unknown option 'environment'"),
+        ({"mem_limit": "1T"}, 400, "Unknown option 'mem_limit'"),
+        ({"profile": ["cpu"]}, 400, "'profile' is ['cpu']; it must be a profile slug such as 'cpu'."),
+    ],
+    ids=["unknown-slug", "not-allowed", "image", "devices", "environment", "limits", "slug-not-text"],
+)
+def test_refusals(options: dict, status: int, message: str) -> None:
+    with pytest.raises(OptionsError) as e:
+        choose_profile(PROFILES, options, user="bob", groups=[])
+    assert e.value.status == status
+    assert e.value.message.startswith(message), e.value.message
+
+
+def test_no_open_profile_is_a_403() -> None:
+    only_lab = parse_profiles([A100])
+    with pytest.raises(OptionsError) as e:
+        choose_profile(only_lab, {}, user="bob", groups=[])
+    assert (e.value.status, e.value.message) == (403, "No profile is open to bob; ask an admin for access.")
+
+
+def test_form_data_becomes_a_profile_choice_and_nothing_else() -> None:
+    assert options_from_form({"profile": ["a100-1"], "image": ["evil:1"]}) == {"profile": "a100-1"}
+    assert options_from_form({}) == {}
+    with pytest.raises(OptionsError):
+        options_from_form({"profile": ["cpu", "a100-1"]})
