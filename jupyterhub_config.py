@@ -85,6 +85,11 @@ if admins:
 c.JupyterHub.spawner_class = "gpu"
 if os.environ.get("GPUSPAWNER_IMAGE"):
     c.DockerSpawner.image = os.environ["GPUSPAWNER_IMAGE"]
+# Every server's environment is recorded (gpuspawner-audit.sqlite beside the hub database);
+# admins browse and download the records at /services/audit/.
+from gpuspawner.service import audit_service  # noqa: E402
+
+audit_service(c, config_file=__file__)
 # Containers are removed when servers stop; user work belongs in volumes.
 c.DockerSpawner.remove = True
 c.DockerSpawner.volumes = {"gpuspawner-{username}": "/home/jovyan/work"}

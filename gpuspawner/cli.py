@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import labels, settings
+from .spawner import HubSettings
 from .allocation import Holder, Status, device_status
 from .devices import Device, Inventory, format_bytes
 
@@ -31,17 +30,11 @@ class CLIError(Exception):
     """A failure to report as one line, without a traceback."""
 
 
-@dataclass(frozen=True)
-class HubSettings:
-    hub_id: str
-    busy_memory_threshold: int
-
-
 def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSettings:
     """GPUSpawner's settings from a jupyterhub_config.py, resolved as the hub resolves them."""
     from jupyterhub.app import JupyterHub
 
-    from .spawner import _hub_db_url, check_config, config_value
+    from .spawner import check_config, hub_settings
 
     app = JupyterHub.instance()
     if config_file:
@@ -53,13 +46,7 @@ def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSett
         os.chdir(path.parent)
         app.load_config_file(str(path))
     check_config(app.config)
-    threshold = settings.parse_bytes(
-        config_value(app.config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
-    )
-    resolved = hub_id or config_value(app.config, "hub_id", fallback="") or labels.hub_id_for(
-        hostname=socket.gethostname(), db_url=_hub_db_url()
-    )
-    return HubSettings(hub_id=resolved, busy_memory_threshold=threshold)
+    return hub_settings(app.config, hub_id=hub_id)
 
 
 def hub_containers(hub_id: str) -> list[dict[str, Any]]:
@@ -179,17 +166,100 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- Audit --------------------------------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from .store import AuditStore
+
+    hub = load_hub_settings(args.config, hub_id=None)
+    try:
+        return AuditStore(hub.audit_db_url)
+    except Exception as e:
+        raise CLIError(f"cannot open the audit database {hub.audit_db_url}: {e}") from None
+
+
+def _record(args: argparse.Namespace) -> Any:
+    record = _store(args).get(args.id)
+    if record is None:
+        raise CLIError(f"no audit record {args.id}")
+    return record
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from . import audit
+    from .store import Filters
+
+    store = _store(args)
+    records = store.iter_records(Filters(since=args.since, until=args.until, user=args.user, profile=args.profile))
+    chunks = {"csv": audit.csv_lines, "jsonl": audit.jsonl_lines, "ro-crate": audit.ro_crate_chunks}[args.format](records)
+    target = args.output
+    if args.format == "ro-crate" and target and Path(target).is_dir():
+        target = str(Path(target) / "ro-crate-metadata.json")
+    out = open(target, "w", encoding="utf-8", newline="") if target else sys.stdout
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+    finally:
+        if target:
+            out.close()
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    result = _store(args).verify()
+    print(result.message(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 2
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from .audit import record_to_dict
+
+    print(json.dumps(record_to_dict(_record(args)), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .audit import reproduce_command
+
+    print(reproduce_command(_record(args)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpuspawner", description="Admin tools for gpuspawner hubs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gpus = sub.add_parser("gpus", help="list the host's GPUs and which server holds each")
-    gpus.add_argument(
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
         "-f", "--config", default="jupyterhub_config.py" if os.path.exists("jupyterhub_config.py") else None,
         help="the hub's jupyterhub_config.py (default: ./jupyterhub_config.py if present)",
     )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gpus = sub.add_parser("gpus", parents=[config], help="list the host's GPUs and which server holds each")
     gpus.add_argument("--hub-id", help="the hub's GPUSpawner.hub_id, if not the configured or derived one")
     gpus.add_argument("--json", action="store_true", help="print JSON instead of a table")
     gpus.set_defaults(run=cmd_gpus)
+
+    audit_cmd = sub.add_parser("audit", help="the reproducibility records of the hub's servers")
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
+    export = audit_sub.add_parser("export", parents=[config], help="export records (streamed)")
+    export.add_argument("--format", choices=("csv", "jsonl", "ro-crate"), default="csv")
+    export.add_argument("--since", help="records requested at or after this ISO 8601 time (e.g. 2026-01-01)")
+    export.add_argument("--until", help="records requested before this ISO 8601 time")
+    export.add_argument("--user", help="one user's records")
+    export.add_argument("--profile", help="one profile's records")
+    export.add_argument("-o", "--output", help="write here instead of standard output (ro-crate: a file or folder)")
+    export.set_defaults(run=cmd_audit_export)
+    verify = audit_sub.add_parser("verify", parents=[config], help="check that no sealed record changed")
+    verify.set_defaults(run=cmd_audit_verify)
+    show = audit_sub.add_parser("show", parents=[config], help="one record, in full")
+    show.add_argument("id")
+    show.set_defaults(run=cmd_audit_show)
+
+    reproduce = sub.add_parser("reproduce", parents=[config], help="a docker run command that recreates a record's environment")
+    reproduce.add_argument("id")
+    reproduce.set_defaults(run=cmd_reproduce)
+
     args = parser.parse_args(argv)
     try:
         result: int = args.run(args)

@@ -99,3 +99,19 @@ def pinning_rule(pinning: Pinning) -> str:
     if pinning == "digest":
         return "a digest (name@sha256:…)"
     return "an explicit tag other than 'latest' (name:2024.10), or a digest (name@sha256:…)"
+
+
+def repo_digest_for(ref: ImageRef, repo_digests: list[str]) -> str | None:
+    """The entry of an image's RepoDigests that belongs to `ref`'s repository.
+
+    An image carries one ``name@sha256:…`` per repository it was pulled from or pushed to; only
+    the one for the repository asked for says what that name pointed at.
+    """
+    for entry in repo_digests:
+        try:
+            candidate = parse_image(entry)
+        except ImageReferenceError:
+            continue
+        if candidate.name == ref.name and candidate.digest and (ref.digest in (None, candidate.digest)):
+            return f"{candidate.name}@{candidate.digest}"
+    return None

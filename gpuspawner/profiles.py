@@ -230,3 +230,16 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, str]:
     if len(values) > 1:
         raise OptionsError(400, "Choose one profile.")
     return {"profile": values[0]} if values else {}
+
+
+def profile_config(profile: Profile) -> dict[str, Any]:
+    """The profile as configured, as plain data: what the audit record's profile hash covers."""
+    return {
+        "slug": profile.slug, "display_name": profile.display_name, "description": profile.description,
+        "default": profile.default, "image": str(profile.image),
+        "gpus": {"count": profile.gpus.count, "mig_profile": profile.gpus.mig_profile,
+                 "model": profile.gpus.model, "min_memory": profile.gpus.min_memory},
+        "cpu_limit": profile.cpu_limit, "mem_limit": profile.mem_limit,
+        "environment": dict(sorted(profile.environment.items())),
+        "allowed_groups": sorted(profile.allowed_groups), "allowed_users": sorted(profile.allowed_users),
+    }

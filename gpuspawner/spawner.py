@@ -27,23 +27,26 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import jinja2
 
 from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Callable, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, default, validate
+from traitlets import Bool, Callable, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, default, validate
 from traitlets.config import Config
 
-from . import injection, labels, profiles, settings
+from . import audit, images, injection, labels, profiles, seams, settings
 from ._version import __version__
 from .allocation import Grant, GPURequest, Holder, allocate, availability, quota_for, quota_refusal
 from .claims import ClaimBook, claims_from_containers
 from .devices import Inventory
 from .nvml import NVMLInventory
+from .store import AsyncAuditStore, AuditStoreError, default_audit_url
 
 WAIT_POLL_SECONDS = 2.0
 TEMPLATES = Path(__file__).parent / "templates"
@@ -70,6 +73,8 @@ class _HubWide:
         self.book = ClaimBook()
         self.nvml: NVMLInventory | None = None
         self._lock: asyncio.Lock | None = None
+        self.stores: dict[str, AsyncAuditStore] = {}
+        self.docker_version: str | None = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -81,6 +86,11 @@ class _HubWide:
         if self.nvml is None:
             self.nvml = NVMLInventory(cache_seconds=cache_seconds)
         return self.nvml
+
+    def audit(self, url: str) -> AsyncAuditStore:
+        if url not in self.stores:
+            self.stores[url] = AsyncAuditStore(url)
+        return self.stores[url]
 
 
 _hub = _HubWide()
@@ -244,8 +254,35 @@ class GPUSpawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    pin_to_digest = Bool(
+        True,
+        help="""
+        Create each container from the image's repository digest (``repo@sha256:…``) resolved
+        at spawn time, so what runs is exactly what the audit record names, even if the tag
+        moves a minute later. An image with no repository digest (built locally, never pushed)
+        still starts, by its name; its record says it cannot be pulled elsewhere.
+        Example: ``c.GPUSpawner.pin_to_digest = False``.
+        """,
+    ).tag(config=True)
+
+    audit_db_url = Unicode(
+        "",
+        help="""
+        Where the audit records live: any SQLAlchemy URL, e.g.
+        ``"postgresql://gpuspawner@db/audit"`` for large hubs. Default: an SQLite file
+        ``gpuspawner-audit.sqlite`` beside the hub's own SQLite database (or in the hub's
+        folder). The ``gpuspawner audit`` commands find it from ``jupyterhub_config.py``.
+        Example: ``c.GPUSpawner.audit_db_url = "sqlite:////srv/jupyterhub/audit.sqlite"``.
+        """,
+    ).tag(config=True)
+
     gpu_devices: tuple[str, ...] = ()  # UUIDs this server holds, kept in the spawner's state
+    audit_record_id: str = ""  # the audit record of the current or last spawn, kept in the state
     profile_slug: str = ""  # the profile this server was started with, kept in the spawner's state
+
+    @default("audit_db_url")
+    def _default_audit_db_url(self) -> str:
+        return default_audit_url(_hub_db_url() or "sqlite:///jupyterhub.sqlite", cwd=os.getcwd())
 
     @default("hub_id")
     def _default_hub_id(self) -> str:
@@ -306,12 +343,15 @@ class GPUSpawner(DockerSpawner):
             state["gpu_devices"] = list(self.gpu_devices)
         if self.profile_slug:
             state["profile"] = self.profile_slug
+        if self.audit_record_id:
+            state["audit_record_id"] = self.audit_record_id
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         self.gpu_devices = tuple(state.get("gpu_devices", ()))
         self.profile_slug = state.get("profile", "")
+        self.audit_record_id = state.get("audit_record_id", "")
 
     def clear_state(self) -> None:
         super().clear_state()
@@ -482,12 +522,108 @@ class GPUSpawner(DockerSpawner):
             await self.stop_object()
             await self.remove_object()
 
+    # --- Images ------------------------------------------------------------------------------
+
     async def pull_image(self, image: str) -> None:
+        """Pull as ``pull_policy`` says, by tag or by digest (DockerSpawner would split a digest)."""
+        if self.pull_policy == "skip" or image == getattr(self, "_resolved_image", None):
+            return
+        ref = images.parse_image(image)
+        tag = ref.digest or ref.tag or "latest"
+        if self.pull_policy.lower() != "always":
+            try:
+                await self.docker("inspect_image", image)
+                return
+            except docker.errors.NotFound:
+                if self.pull_policy == "never":
+                    raise web.HTTPError(
+                        500, f"Image {image} is not on this host and DockerSpawner.pull_policy is 'never'."
+                    ) from None
+        self._progress(f"Pulling image {image}")
+        self.log.info("Pulling %s for %s", image, self._log_name)
+        await self.docker("pull", ref.familiar_name if ref.registry == images.DEFAULT_REGISTRY else ref.name, tag=tag)
+
+    async def resolve_image(self, image: str) -> dict[str, Any]:
+        """Pull if needed, then what the audit records: repository digest, image ID, OCI labels."""
         self._progress(f"Checking image {image}")
-        await super().pull_image(image)
+        await self.pull_image(image)
+        ref = images.parse_image(image)
+        info = await self.docker("inspect_image", image)
+        repo_digest = images.repo_digest_for(ref, info.get("RepoDigests") or [])
+        found: dict[str, Any] = {
+            "image_requested": image,
+            "repo_digest": repo_digest,
+            "image_id": info["Id"],
+            "image_labels": {
+                k: v for k, v in ((info.get("Config") or {}).get("Labels") or {}).items()
+                if k.startswith("org.opencontainers.image.")
+            },
+            "note": None if repo_digest else (
+                f"Image {image} ({info['Id']}) has no repository digest: it was built here or never "
+                "pushed, so it cannot be pulled on another host."
+            ),
+        }
+        self._progress(f"Image {repo_digest or info['Id']}")
+        return found
+
+    # --- Audit -------------------------------------------------------------------------------
+
+    def audit_store(self) -> AsyncAuditStore:
+        return _hub.audit(self.audit_db_url)
+
+    async def _audit_update(self, **changes: Any) -> None:
+        try:
+            await self.audit_store().update(self.audit_record_id, **changes)
+        except AuditStoreError as e:  # sealed already: the spawn ended while this was on its way
+            self.log.debug("Audit record of %s not updated: %s", self._log_name, e)
+
+    async def _audit_finish(self, **changes: Any) -> None:
+        try:
+            await asyncio.shield(self.audit_store().finish(self.audit_record_id, stopped_at=seams.now_iso(), **changes))
+        except AuditStoreError as e:
+            self.log.debug("Audit record of %s already closed: %s", self._log_name, e)
+
+    async def _docker_version(self) -> str | None:
+        if _hub.docker_version is None:
+            _hub.docker_version = (await self.docker("version")).get("Version")
+        return _hub.docker_version
+
+    async def _watch_until_ready(self, record_id: str) -> None:
+        """Note when JupyterHub has seen the server answer (it keeps that to itself)."""
+        deadline = time.monotonic() + self.http_timeout + 60
+        try:
+            while self.pending == "spawn" and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+            if self.ready and self.audit_record_id == record_id:
+                await self._audit_update(outcome="running", ready_at=seams.now_iso())
+        except Exception:
+            self.log.exception("Could not note that %s is ready in its audit record", self._log_name)
+
+    # --- Start and stop ----------------------------------------------------------------------
 
     async def start(self) -> Any:
+        """Record the spawn, then start it; whatever happens, the record says how it ended."""
         self._progress_events = []
+        self._resolved_image = None
+        record = audit.AuditRecord(
+            id=seams.new_record_id(), hub_id=self.hub_id, user=self.user.name, server=self.name or "",
+            requested_at=seams.now_iso(), hostname=socket.gethostname(), gpuspawner_version=__version__,
+        )
+        try:
+            await self.audit_store().insert(record)
+        except Exception as e:
+            self.log.error("Cannot write the audit record of %s: %s", self._log_name, e)
+            raise web.HTTPError(500, "The hub cannot write its audit record, so it starts no server; tell an admin.") from e
+        self.audit_record_id = record.id
+        try:
+            result = await self._start_recorded()
+        except BaseException as e:
+            await self._audit_finish(outcome="failed", error=_error_text(e))
+            raise
+        asyncio.ensure_future(self._watch_until_ready(record.id))
+        return result
+
+    async def _start_recorded(self) -> Any:
         configured = await self.resolved_profiles()
         profile = None
         if configured:
@@ -499,6 +635,14 @@ class GPUSpawner(DockerSpawner):
                 raise web.HTTPError(e.status, e.message) from None
             self._progress(f"Profile: {profile.display_name} ({profile.resources()})")
         request = self._use_profile(profile)
+        await self._audit_update(
+            profile=profile.slug if profile else None,
+            profile_hash=audit.content_hash(profiles.profile_config(profile)) if profile else None,
+            image_requested=self.image,
+            cpu_limit=self.cpu_limit,
+            mem_limit=_bytes_or_none(self.mem_limit),
+            environment=audit.without_secrets(self._configured_environment()),
+        )
         if request.wants_gpu:
             self._progress(f"Looking for {request.describe()}")
             grant = await self.allocate_devices(request)
@@ -509,6 +653,21 @@ class GPUSpawner(DockerSpawner):
             if grant.devices:
                 self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
                 self._progress("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
+                inventory = await _hub.inventory(self.nvml_cache_seconds).get()
+                await self._audit_update(
+                    devices=tuple(
+                        audit.RecordedDevice(uuid=d.uuid, model=d.model, memory_total=d.memory_total,
+                                             mig_parent=d.parent_uuid, mig_profile=d.mig_profile)
+                        for d in grant.devices
+                    ),
+                    driver_version=inventory.driver_version,
+                    cuda_driver_version=inventory.cuda_driver_version,
+                )
+            resolved = await self.resolve_image(self.image)
+            if self.pin_to_digest and resolved["repo_digest"]:
+                self.image = images.parse_image(resolved["repo_digest"]).by_digest()
+            self._resolved_image = self.image
+            await self._audit_update(docker_version=await self._docker_version(), **resolved)
             await self._replace_container_with_other_devices()
             result = await super().start()
         except BaseException:
@@ -519,13 +678,39 @@ class GPUSpawner(DockerSpawner):
             _hub.book.release(self.holder)
         return result
 
+    def _configured_environment(self) -> dict[str, str]:
+        env = {k: v for k, v in (self.environment or {}).items() if isinstance(v, str)}
+        profile = getattr(self, "_profile", None)
+        if profile is not None:
+            env.update(profile.environment)
+        return env
+
+    async def create_object(self) -> Any:
+        obj = await super().create_object()
+        info = await self.docker("inspect_container", obj["Id"])
+        await self._audit_update(
+            container_id=obj["Id"],
+            container_name=self.container_name,
+            container_image_id=info.get("Image"),
+            device_requests=tuple((info.get("HostConfig") or {}).get("DeviceRequests") or ()),
+        )
+        return obj
+
     async def start_object(self) -> None:
         self._progress("Starting container")
         await super().start_object()
+        await self._audit_update(outcome="starting", started_at=seams.now_iso())
 
     async def stop(self, now: bool = False) -> None:
         await super().stop(now=now)
         _hub.book.release(self.holder)
+        if self.audit_record_id:
+            record = await self.audit_store().get(self.audit_record_id)
+            if record is not None and not record.sealed:
+                if self.pending == "spawn":  # JupyterHub stops a server that never answered
+                    await self._audit_finish(outcome="failed", error="the server did not answer in time")
+                else:
+                    await self._audit_finish(outcome="stopped")
 
     # --- Progress ----------------------------------------------------------------------------
 
@@ -546,6 +731,20 @@ class GPUSpawner(DockerSpawner):
                 yield events[sent]
                 sent += 1
             await asyncio.sleep(0.5)
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, web.HTTPError):
+        return f"HTTP {e.status_code}: {e.log_message}"
+    if isinstance(e, asyncio.CancelledError):
+        return "the spawn was cancelled (timed out, or the hub stopped it)"
+    return f"{type(e).__name__}: {e}"
+
+
+def _bytes_or_none(value: Any) -> int | None:
+    if value in (None, "", 0):
+        return None
+    return settings.parse_bytes(value, where="DockerSpawner.mem_limit")
 
 
 def _trait_check(parse: Any, value: Any, where: str) -> None:
@@ -636,6 +835,46 @@ def check_when_the_hub_starts() -> None:
         except settings.ConfigError as e:
             app.log.critical("Bad configuration: %s", e)
             app.exit(1)
+        asyncio.ensure_future(close_abandoned_records(hub_settings(app.config), app.log))
 
     _check_scheduled = True
     loop.call_soon(check)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """What the hub process as a whole uses, resolved from its configuration as a spawner would."""
+
+    hub_id: str
+    audit_db_url: str
+    busy_memory_threshold: int
+
+
+def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
+    """hub_id, the audit database and the busy threshold, from the hub's configuration."""
+    db_url = _hub_db_url() or "sqlite:///jupyterhub.sqlite"
+    return HubSettings(
+        hub_id=hub_id or config_value(config, "hub_id", fallback="")
+        or labels.hub_id_for(hostname=socket.gethostname(), db_url=db_url),
+        audit_db_url=config_value(config, "audit_db_url", fallback="") or default_audit_url(db_url, cwd=os.getcwd()),
+        busy_memory_threshold=settings.parse_bytes(
+            config_value(config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
+        ),
+    )
+
+
+async def close_abandoned_records(hub: HubSettings, log: Any) -> None:
+    """At hub start: spawns that were in progress when the last hub process died are abandoned."""
+    store = _hub.audit(hub.audit_db_url)
+    try:
+        open_records = await store.open_records(hub.hub_id)
+    except Exception as e:
+        log.error("Cannot read the audit records at %s: %s", hub.audit_db_url, e)
+        return
+    for record in open_records:
+        if record.outcome in ("requested", "starting"):
+            await store.finish(
+                record.id, outcome="abandoned", stopped_at=seams.now_iso(),
+                error="The hub stopped while this server was starting.",
+            )
+            log.warning("Audit record %s (%s/%s) closed as abandoned", record.id, record.user, record.server)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+from typing import Any
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +18,8 @@ from pathlib import Path
 import pytest
 
 import simnvml
-from gpuspawner import cli
 from testbed import DockerBed, wait_for
-from testbed.hub import RunningHub
+from testbed.hub import BIN, RunningHub
 
 pytestmark = pytest.mark.docker
 
@@ -165,18 +166,17 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 1}
     assert docker_bed.hook_record(container_of(docker_bed, hub, "cyd")["Id"])["devices"] == [ada_gpu]
 
 
-def gpus_cli(hub: RunningHub, spec: Path, capsys: pytest.CaptureFixture[str]) -> dict:
-    """`gpuspawner gpus --json` for this hub, reading the same simulated GPUs."""
-    simnvml.install(spec)
-    try:
-        assert cli.main(["gpus", "--hub-id", hub.settings.hub_id, "--json"]) == 0
-    finally:
-        simnvml.uninstall()
-    return json.loads(capsys.readouterr().out)
+def gpus_cli(hub: RunningHub, *, json_out: bool = True) -> Any:
+    """`gpuspawner gpus` run as an admin would, with the hub's own config (which installs the
+    simulated NVML for the command too, reading the same GPUs)."""
+    args = [str(BIN / "gpuspawner"), "gpus", "-f", str(hub.config_file)] + (["--json"] if json_out else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if json_out else out.stdout
 
 
 def test_after_a_hub_crash_claims_are_rebuilt_from_the_running_containers(
-    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path, capsys: pytest.CaptureFixture[str]
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path
 ) -> None:
     simnvml.write_spec(spec, [simnvml.gpu(i) for i in range(4)])
     hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1"))
@@ -196,7 +196,7 @@ def test_after_a_hub_crash_claims_are_rebuilt_from_the_running_containers(
         assert hub.user_get(user, "api/status").status_code == 200
     expected: dict[str, str | None] = {simnvml.gpu(i)["uuid"]: None for i in range(4)}
     expected.update({held["ada"]: "ada", held["bob"]: "bob"})
-    assert {d["uuid"]: d["holder"] for d in gpus_cli(hub, spec, capsys)["devices"]} == expected
+    assert {d["uuid"]: d["holder"] for d in gpus_cli(hub)["devices"]} == expected
 
     # new spawns get really free devices, never ada's or bob's
     for user in ("dan", "eve"):
@@ -210,7 +210,7 @@ def test_after_a_hub_crash_claims_are_rebuilt_from_the_running_containers(
 
 
 def test_gpus_command_shows_each_device_and_who_holds_it(
-    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path, capsys: pytest.CaptureFixture[str]
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path
 ) -> None:
     simnvml.write_spec(spec, [
         simnvml.gpu(0),
@@ -224,7 +224,7 @@ def test_gpus_command_shows_each_device_and_who_holds_it(
     assert r.status_code in (201, 202), r.text
     hub.wait_ready("ada", "course")
 
-    out = gpus_cli(hub, spec, capsys)
+    out = gpus_cli(hub)
     where = [(d["index"], d["where"]) for d in out["devices"]]
     assert where == [
         ("0", "free"),
@@ -234,12 +234,7 @@ def test_gpus_command_shows_each_device_and_who_holds_it(
         ("3:mig", "held by ada/course"),
     ]
     assert out["devices"][2]["health"] == "NVML: GPU is lost"
-    simnvml.install(spec)
-    try:
-        assert cli.main(["gpus", "--hub-id", hub.settings.hub_id]) == 0
-    finally:
-        simnvml.uninstall()
-    table = capsys.readouterr().out
+    table = gpus_cli(hub, json_out=False)
     assert "held by ada/course" in table and "1g.10gb" in table
     assert table.rstrip().endswith(f"hub {hub.settings.hub_id}: 1 free, 1 held by its servers.")
 

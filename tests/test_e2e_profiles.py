@@ -76,7 +76,7 @@ def test_refusals_leave_both_gpus_free(hub: RunningHub, docker_bed: DockerBed) -
 
 
 def test_the_profile_sets_image_gpus_limits_environment(
-    hub: RunningHub, docker_bed: DockerBed, singleuser_image: str, spec: Path, capsys: pytest.CaptureFixture[str]
+    hub: RunningHub, docker_bed: DockerBed, singleuser_image: str, spec: Path
 ) -> None:
     r = hub.spawn("ada", options={"profile": "a100-1"})
     assert r.status_code in (201, 202), r.text
@@ -92,7 +92,7 @@ def test_the_profile_sets_image_gpus_limits_environment(
     # admins see the profile and devices in the server's state
     assert model["state"]["profile"] == "a100-1"
     assert model["state"]["gpu_devices"] == [simnvml.gpu(0)["uuid"]]
-    (row,) = [d for d in gpus_cli(hub, spec, capsys)["devices"] if d["holder"]]
+    (row,) = [d for d in gpus_cli(hub)["devices"] if d["holder"]]
     assert (row["holder"], row["profile"], row["where"]) == ("ada", "a100-1", "held by ada (profile a100-1)")
 
     # the next spawn of another server starts from the configured defaults, not this profile

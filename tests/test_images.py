@@ -2,7 +2,7 @@
 
 import pytest
 
-from gpuspawner.images import ImageRef, ImageReferenceError, is_pinned, parse_image
+from gpuspawner.images import ImageRef, ImageReferenceError, is_pinned, parse_image, repo_digest_for
 
 D = "sha256:" + "a" * 64
 
@@ -45,3 +45,13 @@ def test_what_counts_as_pinned(reference: str, tag_policy: bool, digest_policy: 
     ref = parse_image(reference)
     assert is_pinned(ref, pinning="tag") is tag_policy
     assert is_pinned(ref, pinning="digest") is digest_policy
+
+
+def test_the_repo_digest_is_the_one_of_the_repository_asked_for() -> None:
+    digests = [f"127.0.0.1:5000/lab/img@{D}", "quay.io/jupyter/base-notebook@sha256:" + "b" * 64]
+    assert repo_digest_for(parse_image("quay.io/jupyter/base-notebook:2024-10-07"), digests) == (
+        "quay.io/jupyter/base-notebook@sha256:" + "b" * 64
+    )
+    assert repo_digest_for(parse_image("127.0.0.1:5000/lab/img:v1"), digests) == f"127.0.0.1:5000/lab/img@{D}"
+    assert repo_digest_for(parse_image("lab/img:v1"), digests) is None  # docker.io/lab/img: another repository
+    assert repo_digest_for(parse_image("127.0.0.1:5000/lab/img@sha256:" + "e" * 64), digests) is None

@@ -1,0 +1,183 @@
+"""The audit log as a JupyterHub-managed service, for admins, at ``/services/<name>/``.
+
+Log in through the hub (OAuth); admins, or users holding the custom scope
+``custom:gpuspawner-audit:read``, see the records in a filterable table and download them as
+CSV or JSONL. Everyone else gets 403. Add it to ``jupyterhub_config.py`` with::
+
+    from gpuspawner.service import audit_service
+    audit_service(c, config_file=__file__)
+
+The service reads the same ``jupyterhub_config.py`` as the ``gpuspawner audit`` commands to
+find the audit database, so admins never type a database URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+from urllib.parse import urlencode, urlparse
+
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.utils import url_path_join
+from tornado import web
+from tornado.escape import xhtml_escape
+from tornado.ioloop import IOLoop
+
+from . import audit
+from .store import AuditStore, Filters
+
+SCOPE = "custom:gpuspawner-audit:read"
+TABLE_LIMIT = 500
+
+
+def audit_service(c: Any, *, config_file: str, name: str = "audit", port: int = 10101) -> None:
+    """Register the audit service in a hub's configuration ``c`` (a traitlets Config)."""
+    services = list(c.JupyterHub.services) if "services" in c.JupyterHub else []
+    services.append({
+        "name": name,
+        "url": f"http://127.0.0.1:{port}",
+        "command": [sys.executable, "-m", "gpuspawner.service", "-f", os.path.abspath(config_file)],
+        "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": [SCOPE],
+        "display": True,
+    })
+    c.JupyterHub.services = services
+    scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
+    scopes[SCOPE] = {"description": "Read gpuspawner's audit records of every server."}
+    c.JupyterHub.custom_scopes = scopes
+
+
+class _Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
+    @property
+    def store(self) -> AuditStore:
+        store: AuditStore = self.settings["store"]
+        return store
+
+    def check_reader(self) -> dict[str, Any]:
+        user: dict[str, Any] | None = self.get_current_user()
+        if user is None:
+            raise web.HTTPError(403)
+        if not (user.get("admin") or SCOPE in (user.get("scopes") or [])):
+            raise web.HTTPError(403, "The audit records are for admins.")
+        return user
+
+    def filters(self) -> Filters:
+        def arg(name: str) -> str | None:
+            return self.get_argument(name, "").strip() or None
+
+        return Filters(since=arg("since"), until=arg("until"), user=arg("user"), profile=arg("profile"))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code}: {self._reason}\n")
+
+    async def stream(self, chunks: Iterator[str]) -> None:
+        """Write a generator's chunks as they come, reading them off the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await loop.run_in_executor(None, lambda: "".join(islice(chunks, 500)))
+            if not batch:
+                break
+            self.write(batch)
+            await self.flush()
+        self.finish()
+
+
+class TableHandler(_Base):
+    @web.authenticated
+    async def get(self) -> None:
+        self.check_reader()
+        filters = self.filters()
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(None, lambda: list(islice(self.store.iter_records(filters), TABLE_LIMIT)))
+        query = urlencode({k: v for k, v in vars(filters).items() if v})
+        self.finish(_page(records, filters, query, prefix=self.settings["prefix"]))
+
+
+class ExportHandler(_Base):
+    @web.authenticated
+    async def get(self, fmt: str) -> None:
+        self.check_reader()
+        records = self.store.iter_records(self.filters())
+        if fmt == "csv":
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+            chunks = audit.csv_lines(records)
+        else:
+            self.set_header("Content-Type", "application/x-ndjson; charset=utf-8")
+            chunks = audit.jsonl_lines(records)
+        self.set_header("Content-Disposition", f'attachment; filename="gpuspawner-audit.{fmt}"')
+        await self.stream(chunks)
+
+
+def _page(records: list[audit.AuditRecord], filters: Filters, query: str, *, prefix: str) -> str:
+    esc = xhtml_escape
+
+    def cell(value: Any) -> str:
+        return f"<td>{esc('' if value is None else str(value))}</td>"
+
+    rows = "\n".join(
+        "<tr>" + "".join(cell(v) for v in (
+            r.id, r.user, r.server, r.profile, r.outcome, r.requested_at, r.stopped_at,
+            r.repo_digest or f"{r.image_id} (no repository digest)",
+            ", ".join(f"{d.model} {d.uuid}" for d in r.devices), r.error, "sealed" if r.sealed else "open",
+        )) + "</tr>"
+        for r in records
+    )
+    def field(name: str, label: str) -> str:
+        return f'<label>{label} <input name="{name}" value="{esc(getattr(filters, name) or "")}"></label> '
+
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gpuspawner audit</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; }}
+table {{ border-collapse: collapse; font-size: .85rem; }} td, th {{ border: 1px solid #ccc; padding: .25rem .4rem; }}
+th {{ background: #f4f4f4; text-align: left; }} form {{ margin-bottom: 1rem; }}
+</style></head><body>
+<h1>Servers and their environments</h1>
+<form method="get">{field("user", "User")}{field("profile", "Profile")}{field("since", "Since")}{field("until", "Until")}
+<button type="submit">Filter</button></form>
+<p>Download: <a href="{prefix}export.csv?{query}">CSV</a> · <a href="{prefix}export.jsonl?{query}">JSONL</a>
+(all matching records; the table shows the first {TABLE_LIMIT}).</p>
+<table><thead><tr><th>Record</th><th>User</th><th>Server</th><th>Profile</th><th>Outcome</th><th>Requested</th>
+<th>Stopped</th><th>Image</th><th>GPUs</th><th>Error</th><th>Seal</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table></body></html>
+"""
+
+
+def make_app(store: AuditStore) -> web.Application:
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/audit/")
+    return web.Application(
+        [
+            (prefix, TableHandler),
+            (url_path_join(prefix, r"export\.(csv|jsonl)"), ExportHandler),
+            (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
+        ],
+        store=store,
+        prefix=prefix,
+        cookie_secret=os.urandom(32),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import load_hub_settings
+
+    parser = argparse.ArgumentParser(description="gpuspawner's audit service (started by JupyterHub)")
+    parser.add_argument("-f", "--config", required=True, help="the hub's jupyterhub_config.py")
+    args = parser.parse_args(argv)
+    store = AuditStore(load_hub_settings(args.config, hub_id=None).audit_db_url)
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
+    make_app(store).listen(url.port or 80, url.hostname or "127.0.0.1")
+    print(f"gpuspawner audit service on {url.geturl()} ({socket.gethostname()})", file=sys.stderr)
+    IOLoop.current().start()
+
+
+if __name__ == "__main__":
+    main()
