@@ -7,7 +7,7 @@ CHP_VERSION ?= 5
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test system system-test engine testbed clean
+.PHONY: run test system system-test engine testbed reference clean
 
 run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
 	@image=$$(PYTHON=$(PY) docker/singleuser/build.sh gpuspawner/singleuser jupyterlab) && \
@@ -41,6 +41,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 $(VENV)/bin/configurable-http-proxy:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	npm install --global --silent --prefix $(VENV) configurable-http-proxy@$(CHP_VERSION)
+
+# Regenerate the README's configuration reference from the traits' help texts.
+reference: $(VENV)/.installed
+	$(VENV)/bin/gpuspawner config-reference --update README.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

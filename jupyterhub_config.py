@@ -1,28 +1,37 @@
 """JupyterHub configuration for a shared GPU server with gpuspawner.
 
-`make run` starts the hub with this file; copy it and edit it for your lab. Every setting an
-admin is likely to change can also come from the environment:
+`make run` starts the hub with this file, and the hub image (docker/hub) ships it. Copy it
+and edit it for your lab: every section says what it does and what to change. The settings an
+admin changes most can also come from the environment:
 
-    GPUSPAWNER_IP           address the hub's public proxy listens on   (default 127.0.0.1)
-    GPUSPAWNER_PORT         its port                                     (default 8000)
-    GPUSPAWNER_DATA_DIR     hub database, cookie secret, passwords       (default ./.data)
-    GPUSPAWNER_IMAGE        the single-user image                        (default: DockerSpawner's,
-                            quay.io/jupyterhub/singleuser:<hub version>; `make run` sets a local one)
-    GPUSPAWNER_ADMIN_USERS  comma-separated admin user names             (default: none)
+    GPUSPAWNER_IP            address the public proxy listens on        (default 127.0.0.1)
+    GPUSPAWNER_PORT          its port                                    (default 8000)
+    GPUSPAWNER_DATA_DIR      hub and audit databases, cookie secret,     (default ./.data)
+                             generated passwords
+    GPUSPAWNER_ADMIN_USERS   comma-separated admin user names            (default: none)
+    GPUSPAWNER_NETWORK       Docker network the user containers join; set it when the hub
+                             itself runs in a container on that network  (default: the host's
+                             default bridge)
+    GPUSPAWNER_HUB_CONNECT_IP  how containers reach the hub on that network (default: the hub
+                             container's host name)
+    GPUSPAWNER_IMAGE         image of the CPU-only profile               (default: a pinned
+                             Jupyter Docker Stacks image; `make run` sets a locally built one)
+    GPUSPAWNER_GPU_IMAGE     image of the GPU profiles                   (default: a pinned
+                             CUDA PyTorch image of Jupyter Docker Stacks)
+    GPUSPAWNER_IDLE_TIMEOUT  seconds of inactivity before a server is stopped and its GPUs
+                             given back (default 3600; 0 turns culling off)
+    GPUSPAWNER_METRICS_TOKEN a token Prometheus uses to scrape /hub/metrics (default: none)
 
-Login. The default authenticator is JupyterHub's shared-password one: every user logs in
-with one password, generated on first start into $GPUSPAWNER_DATA_DIR/user-password (mode
-0600); admins listed in GPUSPAWNER_ADMIN_USERS use $GPUSPAWNER_DATA_DIR/admin-password. No
-login works without a password, so exposing the port (GPUSPAWNER_IP=0.0.0.0) is not an open
-door, but for a real lab switch to your institution's logins:
-
-    c.JupyterHub.authenticator_class = "pam"          # the server's Unix accounts
-    c.JupyterHub.authenticator_class = "github"       # pip install oauthenticator, then see its docs
-    c.JupyterHub.authenticator_class = "ldapauthenticator.LDAPAuthenticator"   # pip install jupyterhub-ldapauthenticator
+Login. The default is JupyterHub's shared-password authenticator: every user logs in with one
+password, generated on first start into $GPUSPAWNER_DATA_DIR/user-password (mode 0600); admins
+listed in GPUSPAWNER_ADMIN_USERS use $GPUSPAWNER_DATA_DIR/admin-password. No login works
+without a password, so an exposed port is not an open door. For a real lab, use your
+institution's logins instead (see "Login" below).
 """
 
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +40,7 @@ c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
 here = Path(__file__).resolve().parent
 data_dir = Path(os.environ.get("GPUSPAWNER_DATA_DIR", here / ".data")).resolve()
 data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+network = os.environ.get("GPUSPAWNER_NETWORK", "")
 
 
 def secret_file(name: str, *, length: int) -> str:
@@ -67,12 +77,26 @@ def docker_bridge_address() -> str:
 # --- The hub ----------------------------------------------------------------------------
 c.JupyterHub.ip = os.environ.get("GPUSPAWNER_IP", "127.0.0.1")
 c.JupyterHub.port = int(os.environ.get("GPUSPAWNER_PORT", "8000"))
-c.JupyterHub.hub_ip = docker_bridge_address()
 c.JupyterHub.db_url = f"sqlite:///{data_dir / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(data_dir / "jupyterhub_cookie_secret")
 c.ConfigurableHTTPProxy.pid_file = str(data_dir / "jupyterhub-proxy.pid")
+if network:
+    # The hub runs in a container on `network` (docker-compose.yml): it listens on that
+    # network only, and user containers reach it by its name there.
+    c.JupyterHub.hub_ip = "0.0.0.0"
+    c.JupyterHub.hub_connect_ip = os.environ.get("GPUSPAWNER_HUB_CONNECT_IP", socket.gethostname())
+    c.DockerSpawner.network_name = network
+    c.DockerSpawner.use_internal_ip = True
+else:
+    c.JupyterHub.hub_ip = docker_bridge_address()
 
-# --- Login (see the module docstring to switch authenticators) ---------------------------
+# --- Login --------------------------------------------------------------------------------
+# To use your institution's logins instead of the shared password, replace this block, e.g.
+#   c.JupyterHub.authenticator_class = "pam"                 # the server's Unix accounts
+#   c.JupyterHub.authenticator_class = "github"              # pip install oauthenticator; set
+#   c.GitHubOAuthenticator.oauth_callback_url / client_id / client_secret / allowed_organizations
+#   c.JupyterHub.authenticator_class = "ldapauthenticator.LDAPAuthenticator"  # pip install
+#   jupyterhub-ldapauthenticator; set c.LDAPAuthenticator.server_address / bind_dn_template
 c.JupyterHub.authenticator_class = "shared-password"
 c.SharedPasswordAuthenticator.user_password = secret_file("user-password", length=24)
 c.Authenticator.allow_all = True  # anyone who knows the shared password may have an account
@@ -80,16 +104,106 @@ admins = {name.strip() for name in os.environ.get("GPUSPAWNER_ADMIN_USERS", "").
 if admins:
     c.Authenticator.admin_users = admins
     c.SharedPasswordAuthenticator.admin_password = secret_file("admin-password", length=40)
+# Groups decide who may use which profile. Manage them in the admin page (/hub/admin) or here:
+c.JupyterHub.load_groups = {"ml-lab": {"users": []}, "course": {"users": []}}
 
-# --- Spawner ------------------------------------------------------------------------------
+# --- Servers: gpuspawner --------------------------------------------------------------------
 c.JupyterHub.spawner_class = "gpu"
-if os.environ.get("GPUSPAWNER_IMAGE"):
-    c.DockerSpawner.image = os.environ["GPUSPAWNER_IMAGE"]
-# Every server's environment is recorded (gpuspawner-audit.sqlite beside the hub database);
-# admins browse and download the records at /services/audit/.
+c.JupyterHub.allow_named_servers = True  # one user, several servers (one per experiment)
+c.JupyterHub.named_server_limit_per_user = 4
+c.DockerSpawner.remove = True  # containers go when servers stop; user work lives in the volume
+c.DockerSpawner.volumes = {"gpuspawner-{username}": "/home/jovyan/work"}
+c.Spawner.start_timeout = 600  # first pull of a CUDA image can take minutes
+c.Spawner.http_timeout = 120
+
+cpu_image = os.environ.get("GPUSPAWNER_IMAGE", "quay.io/jupyter/scipy-notebook:2026-08-24")
+gpu_image = os.environ.get("GPUSPAWNER_GPU_IMAGE", "quay.io/jupyter/pytorch-notebook:cuda12-2026-08-24")
+# An image pinned by digest can never change under its name, e.g.
+#   "quay.io/jupyter/pytorch-notebook@sha256:<64 hex digits>"
+# (`docker buildx imagetools inspect <image:tag>` prints the digest of a tag). The multi-GPU
+# profile below takes it from GPUSPAWNER_GPU_IMAGE_DIGEST, and the tag-pinned image otherwise.
+gpu_image_by_digest = os.environ.get("GPUSPAWNER_GPU_IMAGE_DIGEST") or gpu_image
+
+c.GPUSpawner.profiles = [
+    {
+        "slug": "cpu",
+        "display_name": "CPU only",
+        "description": "Data wrangling, plots, writing. No GPU.",
+        "image": cpu_image,
+        "cpu_limit": 2,
+        "mem_limit": "8G",
+        "default": True,
+    },
+    {
+        "slug": "gpu-1",
+        "display_name": "1 GPU · PyTorch",
+        "description": "One whole GPU of any model.",
+        "image": gpu_image,
+        "gpus": 1,
+        "cpu_limit": 8,
+        "mem_limit": "64G",
+    },
+    {
+        "slug": "a100-2",
+        "display_name": "2 × A100 · PyTorch",
+        "description": "Two A100s of at least 40 GiB, close together on the PCIe bus, for multi-GPU training.",
+        "image": gpu_image_by_digest,
+        "gpus": {"count": 2, "model": "A100", "min_memory": "40G"},
+        "cpu_limit": 16,
+        "mem_limit": "128G",
+        "environment": {"NCCL_DEBUG": "WARN"},
+        "allowed_groups": ["ml-lab"],
+    },
+    {
+        "slug": "mig-small",
+        "display_name": "MIG 1g.10gb slice · PyTorch",
+        "description": "A seventh of an A100 80GB: enough for notebooks and small models.",
+        "image": gpu_image,
+        "gpus": {"mig_profile": "1g.10gb"},
+        "cpu_limit": 2,
+        "mem_limit": "16G",
+    },
+    {
+        "slug": "course",
+        "display_name": "Course · MIG slice",
+        "description": "For the course: one MIG slice per student.",
+        "image": gpu_image,
+        "gpus": {"mig_profile": "1g.10gb"},
+        "cpu_limit": 1,
+        "mem_limit": "8G",
+        "allowed_groups": ["course"],
+    },
+]
+c.GPUSpawner.max_gpus_per_user = 2  # across a user's named servers
+c.GPUSpawner.max_gpus_per_group = {"course": 1, "ml-lab": 4}
+c.GPUSpawner.gpu_wait_timeout = 0  # fail at once when nothing is free; e.g. 300 to queue
+
+services: list = []
+roles: list = []
+
+# --- Idle culling: idle servers stop, and their GPUs go back ------------------------------------
+idle_timeout = int(os.environ.get("GPUSPAWNER_IDLE_TIMEOUT", "3600"))
+if idle_timeout:
+    services.append({
+        "name": "idle-culler",
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={idle_timeout}"],
+    })
+    roles.append({
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    })
+
+# --- Metrics: Prometheus scrapes /hub/metrics with this token ----------------------------------
+metrics_token = os.environ.get("GPUSPAWNER_METRICS_TOKEN", "")
+if metrics_token:
+    services.append({"name": "prometheus", "api_token": metrics_token})
+    roles.append({"name": "metrics", "scopes": ["read:metrics"], "services": ["prometheus"]})
+
+c.JupyterHub.services = services
+c.JupyterHub.load_roles = roles
+
+# --- The audit log: every server's environment, for admins at /services/audit/ ----------------
 from gpuspawner.service import audit_service  # noqa: E402
 
 audit_service(c, config_file=__file__)
-# Containers are removed when servers stop; user work belongs in volumes.
-c.DockerSpawner.remove = True
-c.DockerSpawner.volumes = {"gpuspawner-{username}": "/home/jovyan/work"}

@@ -8,7 +8,7 @@ is close to KubeSpawner's ``profile_list`` (``slug``, ``display_name``, ``descri
         "slug": "a100-1",
         "display_name": "1 × A100 · PyTorch",
         "description": "One whole A100 for training.",
-        "image": "quay.io/jupyter/pytorch-notebook:cuda12-2024-10-07",
+        "image": "quay.io/jupyter/pytorch-notebook:cuda12-2026-08-24",
         "gpus": {"count": 1, "model": "A100"},
         "cpu_limit": 8,
         "mem_limit": "64G",

@@ -205,9 +205,9 @@ class GPUSpawner(DockerSpawner):
 
             c.GPUSpawner.profiles = [
                 {"slug": "cpu", "display_name": "CPU only", "default": True,
-                 "image": "quay.io/jupyter/scipy-notebook:2024-10-07"},
+                 "image": "quay.io/jupyter/scipy-notebook:2026-08-24"},
                 {"slug": "a100-1", "display_name": "1 × A100 · PyTorch",
-                 "image": "quay.io/jupyter/pytorch-notebook:cuda12-2024-10-07",
+                 "image": "quay.io/jupyter/pytorch-notebook:cuda12-2026-08-24",
                  "gpus": {"count": 1, "model": "A100"}, "cpu_limit": 8, "mem_limit": "64G",
                  "allowed_groups": ["ml-lab"]},
             ]

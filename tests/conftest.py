@@ -46,17 +46,22 @@ def docker_bed() -> DockerBed:
     return DockerBed()
 
 
-@pytest.fixture(scope="session")
-def singleuser_image(docker_bed: DockerBed) -> str:
-    """A light image running the real jupyterhub-singleuser as a non-root user (built once)."""
+def build_singleuser(repo: str, packages: str) -> str:
+    """docker/singleuser/build.sh: built once per content, cached by the engine; returns the tag."""
     out = subprocess.run(
-        [str(ROOT / "docker/singleuser/build.sh"), "gpuspawner-test/singleuser", "jupyter_server"],
+        [str(ROOT / "docker/singleuser/build.sh"), repo, packages],
         env=dict(os.environ, PYTHON=sys.executable),
         check=True,
         capture_output=True,
         text=True,
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def singleuser_image(docker_bed: DockerBed) -> str:
+    """A light image running the real jupyterhub-singleuser as a non-root user (built once)."""
+    return build_singleuser("gpuspawner-test/singleuser", "jupyter_server")
 
 
 @pytest.fixture(scope="session")
@@ -112,11 +117,4 @@ def start_hub(
 @pytest.fixture(scope="session")
 def lab_image(docker_bed: DockerBed) -> str:
     """The single-user image with JupyterLab (the one `make run` uses), built once."""
-    out = subprocess.run(
-        [str(ROOT / "docker/singleuser/build.sh"), "gpuspawner/singleuser", "jupyterlab"],
-        env=dict(os.environ, PYTHON=sys.executable),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
+    return build_singleuser("gpuspawner/singleuser", "jupyterlab")

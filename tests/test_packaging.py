@@ -46,7 +46,7 @@ def test_wheel_declares_runtime_requirements_and_entry_point(tmp_path: Path) -> 
         eps = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     runtime = {r.split(";")[0].split(">")[0].split("=")[0].strip().lower() for r in requires if "extra ==" not in r}
-    assert runtime == {"jupyterhub", "dockerspawner", "traitlets", "docker", "nvidia-ml-py", "jinja2", "sqlalchemy"}
+    assert runtime == {"jupyterhub", "dockerspawner", "traitlets", "docker", "nvidia-ml-py", "jinja2", "sqlalchemy", "jupyterhub-idle-culler"}
     assert "pynvml" not in runtime
     assert "[jupyterhub.spawners]\ngpu = gpuspawner:GPUSpawner" in eps
     assert not any(n.startswith("tests/") for n in names)

@@ -2,8 +2,9 @@
 # Make sure the host has what the hub and the test suite need from Debian's packages:
 #
 #   docker/host/system-deps.sh run     for `make run`: a Docker engine, debootstrap, Node.js + npm
-#   docker/host/system-deps.sh test    for `make test`: the same, plus docker-registry and Chromium
-#                                      with its driver (the browser test)
+#   docker/host/system-deps.sh test    for `make test`: the same, plus docker-registry, Chromium
+#                                      with its driver (the browser test) and docker-compose
+#                                      (validating docker/docker-compose.yml)
 #
 # As root on Debian/Ubuntu, missing packages are installed with apt-get; otherwise the script
 # names what to install and fails. Packages already present are left alone.
@@ -11,10 +12,10 @@ set -euo pipefail
 
 declare -A package_of=(
     [dockerd]=docker.io [debootstrap]=debootstrap [npm]=npm [node]=nodejs [docker-registry]=docker-registry
-    [chromium]=chromium [chromedriver]=chromium-driver
+    [chromium]=chromium [chromedriver]=chromium-driver [docker-compose]=docker-compose
 )
 commands=(dockerd debootstrap node npm)
-[ "${1:-}" = test ] && commands+=(docker-registry chromium chromedriver)
+[ "${1:-}" = test ] && commands+=(docker-registry chromium chromedriver docker-compose)
 
 missing=()
 for cmd in "${commands[@]}"; do
