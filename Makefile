@@ -7,7 +7,7 @@ CHP_VERSION ?= 5
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test system system-test engine testbed reference clean
+.PHONY: run test bench system system-test engine testbed reference clean
 
 run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
 	@image=$$(PYTHON=$(PY) docker/singleuser/build.sh gpuspawner/singleuser jupyterlab) && \
@@ -17,6 +17,10 @@ run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
 
 test: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Spawn performance against DockerSpawner (about 20 minutes); rewrites the README's results table.
+bench: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
+	$(PY) benchmarks/spawn.py --update-readme $(BENCH_ARGS)
 
 system:
 	docker/host/system-deps.sh run

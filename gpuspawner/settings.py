@@ -115,3 +115,10 @@ def parse_count(value: Any, *, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where} is {value!r}; allowed: a whole number, 0 or more.")
     return value
+
+
+def parse_threads(value: Any, *, where: str) -> int:
+    """A number of worker threads: a whole number, 1 or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} is {value!r}; allowed: a whole number of threads, 1 or more.")
+    return value

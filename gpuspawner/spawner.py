@@ -27,6 +27,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,18 @@ class _HubWide:
         self._lock: asyncio.Lock | None = None
         self.stores: dict[str, AsyncAuditStore] = {}
         self.docker_version: str | None = None
+        self._docker_pool: ThreadPoolExecutor | None = None
+        self._pull_pool: ThreadPoolExecutor | None = None
+
+    def docker_pool(self, threads: int) -> ThreadPoolExecutor:
+        if self._docker_pool is None:
+            self._docker_pool = ThreadPoolExecutor(threads, thread_name_prefix="gpuspawner-docker")
+        return self._docker_pool
+
+    def pull_pool(self, threads: int) -> ThreadPoolExecutor:
+        if self._pull_pool is None:
+            self._pull_pool = ThreadPoolExecutor(threads, thread_name_prefix="gpuspawner-pull")
+        return self._pull_pool
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -276,9 +289,54 @@ class GPUSpawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    docker_threads = Int(
+        16,
+        help="""
+        Threads for the Docker calls of all servers (inspect, create, start, stop, poll), shared
+        by the hub. DockerSpawner runs every call of every user through one thread, so a burst
+        of spawns queues; here different users' calls run side by side, up to this many at once.
+        GPU allocation stays one decision at a time whatever this is. The Docker client keeps
+        ``docker_threads + pull_threads`` connections open to the engine (``max_pool_size`` in
+        ``DockerSpawner.client_kwargs``, unless you set it there). Read when the hub starts.
+        Example: ``c.GPUSpawner.docker_threads = 32``.
+        """,
+    ).tag(config=True)
+
+    pull_threads = Int(
+        2,
+        help="""
+        Threads for image pulls, apart from all other Docker calls: a long pull of a large CUDA
+        image never holds up other users' spawns, polls or stops. A pull past this many waits
+        for one of them to finish. Read when the hub starts.
+        Example: ``c.GPUSpawner.pull_threads = 4``.
+        """,
+    ).tag(config=True)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._audit_writes: list[asyncio.Future[Any]] = []  # queued changes to the current record
+
     gpu_devices: tuple[str, ...] = ()  # UUIDs this server holds, kept in the spawner's state
     audit_record_id: str = ""  # the audit record of the current or last spawn, kept in the state
     profile_slug: str = ""  # the profile this server was started with, kept in the spawner's state
+
+    @default("client_kwargs")
+    def _default_client_kwargs(self) -> dict[str, Any]:
+        return self._with_pool_size({})
+
+    @validate("client_kwargs")
+    def _check_client_kwargs(self, proposal: Any) -> dict[str, Any]:
+        return self._with_pool_size(proposal.value)
+
+    def _with_pool_size(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # One HTTP connection to the engine per thread that may call it at once; an admin's own
+        # max_pool_size wins. (Validators run after all config is loaded, so the thread counts are set.)
+        return {"max_pool_size": self.docker_threads + self.pull_threads, **kwargs}
+
+    @validate("docker_threads", "pull_threads")
+    def _check_threads(self, proposal: Any) -> int:
+        _trait_check(settings.parse_threads, proposal.value, f"GPUSpawner.{proposal.trait.name}")
+        return int(proposal.value)
 
     @default("audit_db_url")
     def _default_audit_db_url(self) -> str:
@@ -369,18 +427,27 @@ class GPUSpawner(DockerSpawner):
     # --- Docker ------------------------------------------------------------------------------
 
     def docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one docker-py call off the event loop; every container creation passes here.
+        """Run one docker-py call off the event loop; every Docker call of every server passes here.
 
-        DockerSpawner builds the create call from its configuration and sends it through this
-        method, so this is the one place where a container gets its labels and devices: a
-        fresh dict for each call, leaving the configured ``extra_create_kwargs`` untouched.
+        Calls run in the hub's pool of ``docker_threads``, so one user's slow call never
+        queues another's; pulls run in a pool of their own (``pull_threads``), so a long
+        pull holds up no spawn, poll or stop. DockerSpawner builds the create call from its
+        configuration and sends it through this method, so this is the one place where a
+        container gets its labels and devices: a fresh dict for each call, leaving the
+        configured ``extra_create_kwargs`` untouched.
         """
         if method == "create_container":
             kwargs = dict(kwargs, labels=labels.merge_labels(kwargs.get("labels"), self.container_labels()))
             requests = injection.device_requests(self.gpu_devices, mode=self.device_injection)
             if requests:
                 kwargs["host_config"] = dict(kwargs.get("host_config") or {}, DeviceRequests=requests)
-        return super().docker(method, *args, **kwargs)
+        pool = _hub.pull_pool(self.pull_threads) if method == "pull" else self.executor
+        return asyncio.wrap_future(pool.submit(self._docker, method, *args, **kwargs))
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The hub's bounded pool for Docker calls (DockerSpawner has one thread for everyone)."""
+        return _hub.docker_pool(self.docker_threads)
 
     async def engine_claims(self) -> dict[str, Holder]:
         """UUID -> holder for this hub's running containers, read from the Docker engine now."""
@@ -514,6 +581,8 @@ class GPUSpawner(DockerSpawner):
 
     async def _replace_container_with_other_devices(self) -> None:
         """A kept container (remove = False) is never started with devices no longer its own."""
+        if self.remove:  # DockerSpawner removes any leftover container itself
+            return
         obj = await self.get_object()
         if obj is None:
             return
@@ -525,30 +594,41 @@ class GPUSpawner(DockerSpawner):
     # --- Images ------------------------------------------------------------------------------
 
     async def pull_image(self, image: str) -> None:
-        """Pull as ``pull_policy`` says, by tag or by digest (DockerSpawner would split a digest)."""
-        if self.pull_policy == "skip" or image == getattr(self, "_resolved_image", None):
-            return
-        ref = images.parse_image(image)
-        tag = ref.digest or ref.tag or "latest"
-        if self.pull_policy.lower() != "always":
+        """Pull as ``pull_policy`` says, by tag or by digest (DockerSpawner would split a digest).
+
+        ``start()`` has pulled and inspected the image already (``resolve_image``); DockerSpawner's
+        own call here then costs nothing.
+        """
+        if image != getattr(self, "_resolved_image", None):
+            await self._pulled_image_info(image)
+
+    async def _pulled_image_info(self, image: str) -> dict[str, Any]:
+        """The engine's inspection of `image`, pulled first where ``pull_policy`` says so."""
+        policy = self.pull_policy.lower()
+        if policy != "always":
             try:
-                await self.docker("inspect_image", image)
-                return
+                info: dict[str, Any] = await self.docker("inspect_image", image)
+                return info
             except docker.errors.NotFound:
-                if self.pull_policy == "never":
+                if policy in ("never", "skip"):
                     raise web.HTTPError(
-                        500, f"Image {image} is not on this host and DockerSpawner.pull_policy is 'never'."
+                        500, f"Image {image} is not on this host and DockerSpawner.pull_policy is {self.pull_policy!r}."
                     ) from None
+        ref = images.parse_image(image)
         self._progress(f"Pulling image {image}")
         self.log.info("Pulling %s for %s", image, self._log_name)
-        await self.docker("pull", ref.familiar_name if ref.registry == images.DEFAULT_REGISTRY else ref.name, tag=tag)
+        await self.docker(
+            "pull", ref.familiar_name if ref.registry == images.DEFAULT_REGISTRY else ref.name,
+            tag=ref.digest or ref.tag or "latest",
+        )
+        pulled: dict[str, Any] = await self.docker("inspect_image", image)
+        return pulled
 
     async def resolve_image(self, image: str) -> dict[str, Any]:
         """Pull if needed, then what the audit records: repository digest, image ID, OCI labels."""
         self._progress(f"Checking image {image}")
-        await self.pull_image(image)
+        info = await self._pulled_image_info(image)
         ref = images.parse_image(image)
-        info = await self.docker("inspect_image", image)
         repo_digest = images.repo_digest_for(ref, info.get("RepoDigests") or [])
         found: dict[str, Any] = {
             "image_requested": image,
@@ -571,13 +651,28 @@ class GPUSpawner(DockerSpawner):
     def audit_store(self) -> AsyncAuditStore:
         return _hub.audit(self.audit_db_url)
 
-    async def _audit_update(self, **changes: Any) -> None:
-        try:
-            await self.audit_store().update(self.audit_record_id, **changes)
-        except AuditStoreError as e:  # sealed already: the spawn ended while this was on its way
-            self.log.debug("Audit record of %s not updated: %s", self._log_name, e)
+    def _audit_update(self, **changes: Any) -> None:
+        """Queue a change to this spawn's record; the spawn goes on while the audit thread writes it.
+
+        ``_audit_written()`` waits for what was queued: ``start()`` does before it hands the
+        server to the hub, so no server runs with a record that failed to say what it is.
+        """
+        self._audit_writes.append(self.audit_store().update_soon(self.audit_record_id, **changes))
+
+    async def _audit_written(self) -> None:
+        """Wait for the queued changes; raise the first that failed, unless the record was sealed."""
+        writes, self._audit_writes = self._audit_writes, []
+        for result in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(result, AuditStoreError):  # sealed already: the spawn ended while this was on its way
+                self.log.debug("Audit record of %s not updated: %s", self._log_name, result)
+            elif isinstance(result, BaseException):
+                raise result
 
     async def _audit_finish(self, **changes: Any) -> None:
+        try:
+            await self._audit_written()
+        except Exception as e:
+            self.log.error("A change to the audit record of %s was not written: %s", self._log_name, e)
         try:
             await asyncio.shield(self.audit_store().finish(self.audit_record_id, stopped_at=seams.now_iso(), **changes))
         except AuditStoreError as e:
@@ -595,7 +690,8 @@ class GPUSpawner(DockerSpawner):
             while self.pending == "spawn" and time.monotonic() < deadline:
                 await asyncio.sleep(0.25)
             if self.ready and self.audit_record_id == record_id:
-                await self._audit_update(outcome="running", ready_at=seams.now_iso())
+                self._audit_update(outcome="running", ready_at=seams.now_iso())
+                await self._audit_written()
         except Exception:
             self.log.exception("Could not note that %s is ready in its audit record", self._log_name)
 
@@ -617,6 +713,7 @@ class GPUSpawner(DockerSpawner):
         self.audit_record_id = record.id
         try:
             result = await self._start_recorded()
+            await self._audit_written()
         except BaseException as e:
             await self._audit_finish(outcome="failed", error=_error_text(e))
             raise
@@ -635,7 +732,7 @@ class GPUSpawner(DockerSpawner):
                 raise web.HTTPError(e.status, e.message) from None
             self._progress(f"Profile: {profile.display_name} ({profile.resources()})")
         request = self._use_profile(profile)
-        await self._audit_update(
+        self._audit_update(
             profile=profile.slug if profile else None,
             profile_hash=audit.content_hash(profiles.profile_config(profile)) if profile else None,
             image_requested=self.image,
@@ -654,7 +751,7 @@ class GPUSpawner(DockerSpawner):
                 self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
                 self._progress("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
                 inventory = await _hub.inventory(self.nvml_cache_seconds).get()
-                await self._audit_update(
+                self._audit_update(
                     devices=tuple(
                         audit.RecordedDevice(uuid=d.uuid, model=d.model, memory_total=d.memory_total,
                                              mig_parent=d.parent_uuid, mig_profile=d.mig_profile)
@@ -667,7 +764,7 @@ class GPUSpawner(DockerSpawner):
             if self.pin_to_digest and resolved["repo_digest"]:
                 self.image = images.parse_image(resolved["repo_digest"]).by_digest()
             self._resolved_image = self.image
-            await self._audit_update(docker_version=await self._docker_version(), **resolved)
+            self._audit_update(docker_version=await self._docker_version(), **resolved)
             await self._replace_container_with_other_devices()
             result = await super().start()
         except BaseException:
@@ -687,19 +784,24 @@ class GPUSpawner(DockerSpawner):
 
     async def create_object(self) -> Any:
         obj = await super().create_object()
-        info = await self.docker("inspect_container", obj["Id"])
-        await self._audit_update(
-            container_id=obj["Id"],
+        # What the engine made of the request, read while the container starts.
+        self._audit_writes.append(asyncio.ensure_future(self._record_container(obj["Id"])))
+        return obj
+
+    async def _record_container(self, container_id: str) -> None:
+        info = await self.docker("inspect_container", container_id)
+        await self.audit_store().update(
+            self.audit_record_id,
+            container_id=container_id,
             container_name=self.container_name,
             container_image_id=info.get("Image"),
             device_requests=tuple((info.get("HostConfig") or {}).get("DeviceRequests") or ()),
         )
-        return obj
 
     async def start_object(self) -> None:
         self._progress("Starting container")
         await super().start_object()
-        await self._audit_update(outcome="starting", started_at=seams.now_iso())
+        self._audit_update(outcome="starting", started_at=seams.now_iso())
 
     async def stop(self, now: bool = False) -> None:
         await super().stop(now=now)
@@ -778,6 +880,8 @@ def check_config(config: Config, cls: type = GPUSpawner) -> None:
         ("GPUSpawner", "busy_memory_threshold", settings.parse_bytes),
         ("GPUSpawner", "gpu_wait_timeout", settings.parse_seconds),
         ("GPUSpawner", "nvml_cache_seconds", settings.parse_seconds),
+        ("GPUSpawner", "docker_threads", settings.parse_threads),
+        ("GPUSpawner", "pull_threads", settings.parse_threads),
         ("DockerSpawner", "extra_host_config", settings.check_extra_host_config),
     ]
     for owner, name, parse in checks:

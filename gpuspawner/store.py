@@ -213,11 +213,20 @@ class AsyncAuditStore:
             self._store = AuditStore(self.url)
         return self._store
 
-    async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def submit(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue a call now and return its future. Calls run one at a time, in the order submitted."""
+
         def run() -> T:
             return method(self._sync(), *args, **kwargs)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.submit(method, *args, **kwargs)
+
+    def update_soon(self, record_id: str, **changes: Any) -> asyncio.Future[AuditRecord]:
+        """Queue an update without waiting for it; anything submitted later sees it done."""
+        return self.submit(AuditStore.update, record_id, **changes)
 
     async def insert(self, record: AuditRecord) -> None:
         await self.call(AuditStore.insert, record)

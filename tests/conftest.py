@@ -118,3 +118,61 @@ def start_hub(
 def lab_image(docker_bed: DockerBed) -> str:
     """The single-user image with JupyterLab (the one `make run` uses), built once."""
     return build_singleuser("gpuspawner/singleuser", "jupyterlab")
+
+
+@pytest.fixture(scope="session")
+def light_image(docker_bed: DockerBed) -> str:
+    """A container that answers HTTP at once (docker/light): its start costs almost nothing."""
+    return build_docker_dir(docker_bed, "light", "gpuspawner-test/light")
+
+
+def build_docker_dir(bed: DockerBed, name: str, repo: str) -> str:
+    """Build docker/<name>/ (its Dockerfile needs no network), tagged by a hash of the folder's files."""
+    import hashlib
+
+    subprocess.run([str(ROOT / "docker/base/build-debian-base.sh")], check=True, capture_output=True)
+    path = ROOT / "docker" / name
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
+    tag = f"{repo}:{digest.hexdigest()[:12]}"
+    try:
+        bed.api.inspect_image(tag)
+    except Exception:
+        bed.client.images.build(path=str(path), tag=tag, rm=True)
+    return tag
+
+
+@pytest.fixture
+def slow_image(docker_bed: DockerBed, registry: Registry, light_image: str) -> Iterator[Callable[[int, float], str]]:
+    """make(megabytes, seconds): an image of that size, pushed to the local registry, absent from
+    the engine, whose pull through a throttled proxy takes about that long. Returns its reference."""
+    from testbed.throttle import ThrottledProxy
+
+    proxies: list[ThrottledProxy] = []
+    made: list[str] = []
+
+    def make(megabytes: int, seconds: float) -> str:
+        tag = "v" + secrets.token_hex(4)
+        repo = f"{registry.address}/gpuspawner-test/big"
+        dockerfile = f"FROM {light_image}\nUSER root\nRUN head -c {megabytes}M /dev/urandom > /blob-{tag}\nUSER jovyan\n"
+        import io
+
+        image, _ = docker_bed.client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repo}:{tag}", rm=True)
+        for line in docker_bed.api.push(repo, tag, stream=True, decode=True):
+            assert "error" not in line, line
+        docker_bed.api.remove_image(image.id, force=True)
+        proxy = ThrottledProxy(registry.address, bytes_per_second=int(megabytes * 2**20 / seconds)).start()
+        proxies.append(proxy)
+        ref = f"{proxy.address}/gpuspawner-test/big:{tag}"
+        made.append(ref)
+        return ref
+
+    yield make
+    for ref in made:
+        try:
+            docker_bed.api.remove_image(ref, force=True)
+        except Exception:
+            pass
+    for proxy in proxies:
+        proxy.stop()

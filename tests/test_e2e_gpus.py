@@ -105,6 +105,35 @@ def test_a_cpu_only_server_sees_no_gpu(start_hub: Callable[..., RunningHub], doc
         docker_bed.hook_record(container["Id"], timeout=1)
 
 
+def test_a_kept_container_is_reused_only_while_its_gpu_is_still_the_one_granted(
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path
+) -> None:
+    gpu0, gpu1 = simnvml.gpu(0)["uuid"], simnvml.gpu(1)["uuid"]
+    simnvml.write_spec(spec, [simnvml.gpu(0), simnvml.gpu(1)])
+    hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1\nc.DockerSpawner.remove = False\n"))
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    first = container_of(docker_bed, hub, "ada")
+    assert first["Labels"]["gpuspawner.devices"] == gpu0
+    hub.stop_server("ada")  # kept, stopped: it holds no GPU now
+    assert hub.spawn("bob").status_code in (201, 202)
+    hub.wait_ready("bob")
+    assert container_of(docker_bed, hub, "bob")["Labels"]["gpuspawner.devices"] == gpu0
+
+    # ada's kept container names bob's GPU: it is replaced, never started with it
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    second = container_of(docker_bed, hub, "ada")
+    assert second["Id"] != first["Id"]
+    assert docker_bed.hook_record(second["Id"])["devices"] == [gpu1]
+
+    # granted the same GPU again, the kept container itself is started
+    hub.stop_server("ada")
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    assert container_of(docker_bed, hub, "ada")["Id"] == second["Id"]
+
+
 def test_a_failed_start_releases_its_gpu_at_once(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path
 ) -> None:

@@ -65,8 +65,11 @@ def test_sizes(value: object, expected: int) -> None:
         ({"GPUSpawner": {"gpu_wait_timeout": -5}}, "GPUSpawner.gpu_wait_timeout is -5; allowed: a number of seconds"),
         ({"GPUSpawner": {"device_injection": "amd"}}, "GPUSpawner.device_injection is 'amd'; allowed: 'nvidia' or 'cdi'."),
         ({"DockerSpawner": {"extra_host_config": {"device_requests": []}}}, "DockerSpawner.extra_host_config sets 'device_requests'"),
+        ({"GPUSpawner": {"docker_threads": 0}}, "GPUSpawner.docker_threads is 0; allowed: a whole number of threads, 1 or more."),
+        ({"GPUSpawner": {"pull_threads": "4"}}, "GPUSpawner.pull_threads is '4'; allowed: a whole number of threads, 1 or more."),
     ],
-    ids=["gpu-request", "threshold", "wait-timeout", "injection", "device-requests-in-host-config"],
+    ids=["gpu-request", "threshold", "wait-timeout", "injection", "device-requests-in-host-config", "docker-threads",
+         "pull-threads"],
 )
 def test_hub_config_check_names_the_trait(config: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -82,3 +85,19 @@ def test_subclass_sections_override_the_base_section() -> None:
 
     config = Config({"GPUSpawner": {"gpu_request": {"count": "x"}}, "LabSpawner": {"gpu_request": 1}})
     check_config(config, LabSpawner)  # the subclass value is the one in force, and it is fine
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, {"max_pool_size": 18}),
+        ({"GPUSpawner": {"docker_threads": 4, "pull_threads": 1}}, {"max_pool_size": 5}),
+        ({"GPUSpawner": {"docker_threads": 4, "client_kwargs": {"timeout": 30}}}, {"max_pool_size": 6, "timeout": 30}),
+        ({"DockerSpawner": {"client_kwargs": {"max_pool_size": 3}}}, {"max_pool_size": 3}),
+    ],
+    ids=["default", "threads-set", "admin-kwargs-kept", "admin-pool-size-wins"],
+)
+def test_the_docker_client_has_a_connection_for_every_thread(config: dict, expected: dict) -> None:
+    from gpuspawner import GPUSpawner
+
+    assert GPUSpawner(config=Config(config)).client_kwargs == expected

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from gpuspawner.audit import AuditRecord
-from gpuspawner.store import AuditStore, AuditStoreError, Filters, default_audit_url
+from gpuspawner.store import AsyncAuditStore, AuditStore, AuditStoreError, Filters, default_audit_url
 
 
 @pytest.fixture
@@ -63,6 +64,23 @@ def test_export_filters_and_streams_past_one_batch(store: AuditStore) -> None:
     assert [r.id for r in store.iter_records(Filters(profile="gpu"))] == ["r005", "r010", "r015", "r020", "r025"]
     window = list(store.iter_records(Filters(since="2026-11-05", until="2026-11-08")))
     assert [r.id for r in window] == ["r004", "r005", "r006"]
+
+
+def test_queued_updates_land_in_order_before_anything_submitted_after_them(tmp_path: Path) -> None:
+    async def spawn_like() -> tuple[AuditRecord, list[object]]:
+        store = AsyncAuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+        await store.insert(AuditRecord(id="r001", hub_id="hub-1", user="ada", server="", requested_at="2026-11-21T10:00:00+00:00"))
+        queued = [
+            store.update_soon("r001", outcome="starting", image_id="sha256:one"),
+            store.update_soon("r001", image_id="sha256:two", container_id="c1"),
+            store.update_soon("r002", outcome="running"),  # no such record: fails alone
+        ]
+        sealed = await store.finish("r001", outcome="stopped")
+        return sealed, await asyncio.gather(*queued, return_exceptions=True)
+
+    sealed, results = asyncio.run(spawn_like())
+    assert (sealed.outcome, sealed.image_id, sealed.container_id, sealed.seq) == ("stopped", "sha256:two", "c1", 1)
+    assert isinstance(results[2], AuditStoreError) and "no audit record r002" in str(results[2])
 
 
 def test_changing_one_field_in_the_database_is_caught_by_verify(store: AuditStore, tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ class HubSettings:
     token: str
     hub_id: str
     extra: str = ""
+    spawner_class: str = "gpu"  # "docker" for DockerSpawner itself (benchmarks compare the two)
+    debug: bool = True  # the benchmarks log less, so logging costs neither spawner time
     proxy_port: int = field(default_factory=free_port)
     hub_port: int = field(default_factory=free_port)
     proxy_api_port: int = field(default_factory=free_port)
@@ -57,7 +59,7 @@ class RunningHub:
         self.config_file.write_text(
             f"""
 c = get_config()  # noqa
-c.JupyterHub.spawner_class = "gpu"
+c.JupyterHub.spawner_class = {s.spawner_class!r}
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {s.proxy_port}
 c.JupyterHub.hub_ip = {s.hub_ip!r}
@@ -89,7 +91,7 @@ c.GPUSpawner.hub_id = {s.hub_id!r}
         env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
-            [str(BIN / "jupyterhub"), "-f", str(self.config_file), "--debug"],
+            [str(BIN / "jupyterhub"), "-f", str(self.config_file), *(["--debug"] if self.settings.debug else [])],
             cwd=self.settings.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,
