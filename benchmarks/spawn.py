@@ -1,7 +1,7 @@
 """Spawn performance, DockerSpawner against GPUSpawner, side by side in one run.
 
     make bench            # sets up the test bed, then runs this with --update-readme
-    .venv/bin/python benchmarks/spawn.py [--single 15] [--burst 32] [--pull-seconds 60] [--update-readme]
+    .venv/bin/python benchmarks/spawn.py [--single 25] [--burst 32] [--pull-seconds 60] [--update-readme]
 
 Two real JupyterHubs (one with DockerSpawner, one with GPUSpawner, CPU-only servers, the same
 images) against the real Docker engine of the test bed, measured alternately so drift hits
@@ -43,7 +43,7 @@ import simnvml  # noqa: E402
 from conftest import build_docker_dir, build_singleuser  # noqa: E402
 from testbed import DockerBed, Registry, docker_problem, wait_for  # noqa: E402
 from testbed.hub import HubSettings, RunningHub  # noqa: E402
-from testbed.throttle import ThrottledProxy  # noqa: E402
+from testbed.throttle import ThrottledProxy, push_slow_image  # noqa: E402
 
 PARTS = ["single", "burst", "pull", "form"]
 SETTLE_SECONDS = 3  # after 32 servers stop, let the engine finish its clean-up before the next round
@@ -88,6 +88,10 @@ def stop_all(hub: RunningHub, users: list[str]) -> None:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def quartiles(values: list[float]) -> str:
+    return ", ".join(f"{q:.2f}" for q in statistics.quantiles(values, n=4))
 
 
 def bench_single(
@@ -256,7 +260,7 @@ def results_table(single: dict, single_light: dict, burst: dict, pull: dict, for
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--single", type=int, default=15, help="single-spawn runs per spawner")
+    parser.add_argument("--single", type=int, default=25, help="single-spawn runs per spawner")
     parser.add_argument("--burst", type=int, default=32, help="servers spawned at once")
     parser.add_argument("--burst-rounds", type=int, default=5)
     parser.add_argument("--pull-seconds", type=float, default=60)
@@ -282,18 +286,10 @@ def main() -> None:
     proxies: list[ThrottledProxy] = []
 
     def make_big() -> str:
-        import io
-
-        tag = "v" + secrets.token_hex(4)
-        repo = f"{registry.address}/bench/big"
-        dockerfile = f"FROM {light}\nUSER root\nRUN head -c {args.pull_megabytes}M /dev/urandom > /blob\nUSER jovyan\n"
-        image, _ = bed.client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repo}:{tag}", rm=True)
-        for line in bed.api.push(repo, tag, stream=True, decode=True):
-            assert "error" not in line, line
-        bed.api.remove_image(image.id, force=True)
-        proxy = ThrottledProxy(registry.address, bytes_per_second=int(args.pull_megabytes * 2**20 / args.pull_seconds)).start()
+        ref, proxy = push_slow_image(bed, registry.address, base=light, repo="bench/big",
+                                     megabytes=args.pull_megabytes, seconds=args.pull_seconds)
         proxies.append(proxy)
-        return f"{proxy.address}/bench/big:{tag}"
+        return ref
 
     sim = f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport simnvml\nsimnvml.install({str(spec)!r})\n"
     big = make_big()
@@ -318,11 +314,12 @@ def main() -> None:
         if "single" in parts:
             single = bench_single(hubs, args.single, {name: {} for name in hubs}, prefix="single")
             for name, values in single.items():
-                print(f"single spawn, {name}: median {median(values):.3f} s over {len(values)} runs", flush=True)
+                print(f"single spawn, {name}: median {median(values):.3f} s over {len(values)} runs "
+                      f"(quartiles {quartiles(values)})", flush=True)
             single_light = bench_single(hubs, 2 * args.single, light_options, prefix="quick")
             for name, values in single_light.items():
-                print(f"single spawn, light image, {name}: median {median(values):.3f} s over {len(values)} runs",
-                      flush=True)
+                print(f"single spawn, light image, {name}: median {median(values):.3f} s over {len(values)} runs "
+                      f"(quartiles {quartiles(values)})", flush=True)
         if "burst" in parts:
             burst = bench_burst(hubs, args.burst, args.burst_rounds, light_options)
             for name, values in burst.items():

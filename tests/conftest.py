@@ -147,24 +147,16 @@ def build_docker_dir(bed: DockerBed, name: str, repo: str) -> str:
 def slow_image(docker_bed: DockerBed, registry: Registry, light_image: str) -> Iterator[Callable[[int, float], str]]:
     """make(megabytes, seconds): an image of that size, pushed to the local registry, absent from
     the engine, whose pull through a throttled proxy takes about that long. Returns its reference."""
-    from testbed.throttle import ThrottledProxy
+    from testbed.throttle import ThrottledProxy, push_slow_image
 
     proxies: list[ThrottledProxy] = []
     made: list[str] = []
 
     def make(megabytes: int, seconds: float) -> str:
-        tag = "v" + secrets.token_hex(4)
-        repo = f"{registry.address}/gpuspawner-test/big"
-        dockerfile = f"FROM {light_image}\nUSER root\nRUN head -c {megabytes}M /dev/urandom > /blob-{tag}\nUSER jovyan\n"
-        import io
-
-        image, _ = docker_bed.client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{repo}:{tag}", rm=True)
-        for line in docker_bed.api.push(repo, tag, stream=True, decode=True):
-            assert "error" not in line, line
-        docker_bed.api.remove_image(image.id, force=True)
-        proxy = ThrottledProxy(registry.address, bytes_per_second=int(megabytes * 2**20 / seconds)).start()
+        ref, proxy = push_slow_image(
+            docker_bed, registry.address, base=light_image, repo="gpuspawner-test/big", megabytes=megabytes, seconds=seconds
+        )
         proxies.append(proxy)
-        ref = f"{proxy.address}/gpuspawner-test/big:{tag}"
         made.append(ref)
         return ref
 

@@ -7,10 +7,12 @@ nobody else up, and for the benchmarks), with a real registry and a real Docker 
 from __future__ import annotations
 
 import asyncio
+import io
+import secrets
 import threading
 import time
 
-from . import free_port
+from . import DockerBed, free_port
 
 
 class ThrottledProxy:
@@ -91,3 +93,23 @@ class ThrottledProxy:
         delay = start - now
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+def push_slow_image(
+    bed: DockerBed, registry_address: str, *, base: str, repo: str, megabytes: int, seconds: float,
+) -> tuple[str, ThrottledProxy]:
+    """An image `megabytes` larger than `base`, pushed to the registry and removed from the engine.
+
+    Returns its reference through a new throttled proxy, whose pull takes about `seconds`, and
+    the proxy (the caller stops it).
+    """
+    tag = "v" + secrets.token_hex(4)
+    pushed = f"{registry_address}/{repo}"
+    dockerfile = f"FROM {base}\nUSER root\nRUN head -c {megabytes}M /dev/urandom > /blob-{tag}\nUSER jovyan\n"
+    image, _ = bed.client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{pushed}:{tag}", rm=True)
+    for line in bed.api.push(pushed, tag, stream=True, decode=True):
+        if "error" in line:
+            raise RuntimeError(f"pushing {pushed}:{tag} failed: {line['error']}")
+    bed.api.remove_image(image.id, force=True)
+    proxy = ThrottledProxy(registry_address, bytes_per_second=int(megabytes * 2**20 / seconds)).start()
+    return f"{proxy.address}/{repo}:{tag}", proxy
