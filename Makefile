@@ -18,7 +18,7 @@ run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
 test: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Spawn performance against DockerSpawner (about 20 minutes); rewrites the README's results table.
+# Spawn performance against DockerSpawner (about 12 minutes on 2 CPUs); rewrites the README's results table.
 bench: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
 	$(PY) benchmarks/spawn.py --update-readme $(BENCH_ARGS)
 
