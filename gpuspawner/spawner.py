@@ -76,18 +76,13 @@ class _HubWide:
         self._lock: asyncio.Lock | None = None
         self.stores: dict[str, AsyncAuditStore] = {}
         self.docker_version: str | None = None
-        self._docker_pool: ThreadPoolExecutor | None = None
-        self._pull_pool: ThreadPoolExecutor | None = None
+        self.pools: dict[str, ThreadPoolExecutor] = {}
 
-    def docker_pool(self, threads: int) -> ThreadPoolExecutor:
-        if self._docker_pool is None:
-            self._docker_pool = ThreadPoolExecutor(threads, thread_name_prefix="gpuspawner-docker")
-        return self._docker_pool
-
-    def pull_pool(self, threads: int) -> ThreadPoolExecutor:
-        if self._pull_pool is None:
-            self._pull_pool = ThreadPoolExecutor(threads, thread_name_prefix="gpuspawner-pull")
-        return self._pull_pool
+    def pool(self, name: str, threads: int) -> ThreadPoolExecutor:
+        """The hub's thread pool called `name`, made with `threads` workers on first use."""
+        if name not in self.pools:
+            self.pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"gpuspawner-{name}")
+        return self.pools[name]
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -441,13 +436,14 @@ class GPUSpawner(DockerSpawner):
             requests = injection.device_requests(self.gpu_devices, mode=self.device_injection)
             if requests:
                 kwargs["host_config"] = dict(kwargs.get("host_config") or {}, DeviceRequests=requests)
-        pool = _hub.pull_pool(self.pull_threads) if method == "pull" else self.executor
-        return asyncio.wrap_future(pool.submit(self._docker, method, *args, **kwargs))
+        if method == "pull":
+            return asyncio.wrap_future(_hub.pool("pull", self.pull_threads).submit(self._docker, method, *args, **kwargs))
+        return super().docker(method, *args, **kwargs)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
         """The hub's bounded pool for Docker calls (DockerSpawner has one thread for everyone)."""
-        return _hub.docker_pool(self.docker_threads)
+        return _hub.pool("docker", self.docker_threads)
 
     async def engine_claims(self) -> dict[str, Holder]:
         """UUID -> holder for this hub's running containers, read from the Docker engine now."""
