@@ -71,12 +71,14 @@ class GPURequest:
 
 @dataclass(frozen=True, order=True)
 class Holder:
-    """A server of this hub that holds devices."""
+    """Who holds devices: a server of this hub, or (``user`` empty) another container on the engine."""
 
     user: str
     server: str = ""
 
     def __str__(self) -> str:
+        if not self.user:
+            return self.server
         return f"{self.user}/{self.server}" if self.server else self.user
 
 

@@ -24,8 +24,11 @@ from typing import Any, Literal
 
 from .images import ImageReferenceError, parse_image
 
-Outcome = Literal["requested", "starting", "running", "stopped", "failed", "abandoned"]
-FINAL_OUTCOMES = frozenset({"stopped", "failed", "abandoned"})
+# stopped: by the hub (user, admin, culler); died: the container ended on its own or behind the
+# hub's back (crash, OOM, docker stop); failed: never became ready; abandoned: the hub stopped
+# while it was starting, or it ran on with no server of the hub to own it.
+Outcome = Literal["requested", "starting", "running", "stopped", "died", "failed", "abandoned"]
+FINAL_OUTCOMES = frozenset({"stopped", "died", "failed", "abandoned"})
 GENESIS = "0" * 64  # the "previous hash" of the first sealed record
 
 # Environment variables never exported or reproduced: the hub's per-server secrets.
@@ -74,6 +77,8 @@ class AuditRecord:
     ready_at: str | None = None
     stopped_at: str | None = None
     error: str | None = None
+    exit_code: int | None = None  # the container's exit code, where the engine still knew it
+    oom_killed: bool | None = None  # the engine's OOMKilled flag for the container
     gpuspawner_version: str | None = None
     note: str | None = None  # e.g. why the image cannot be pulled elsewhere
     # the seal, set once the record is final
@@ -196,7 +201,7 @@ CSV_COLUMNS = (
     "id", "seq", "hub_id", "user", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
     "stopped_at", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",
     "container_name", "hostname", "docker_version", "driver_version", "cuda_driver_version", "devices",
-    "device_models", "cpu_limit", "mem_limit", "error", "gpuspawner_version", "profile_hash", "hash",
+    "device_models", "cpu_limit", "mem_limit", "error", "exit_code", "oom_killed", "gpuspawner_version", "profile_hash", "hash",
 )
 
 
@@ -228,6 +233,7 @@ def jsonl_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
 _ACTION_STATUS = {
     "stopped": "http://schema.org/CompletedActionStatus",
     "failed": "http://schema.org/FailedActionStatus",
+    "died": "http://schema.org/FailedActionStatus",
     "abandoned": "http://schema.org/FailedActionStatus",
     "running": "http://schema.org/ActiveActionStatus",
     "starting": "http://schema.org/ActiveActionStatus",

@@ -3,10 +3,13 @@
 The Docker engine is the record. Every container carries the UUIDs of its devices in a label
 (:mod:`gpuspawner.labels`), and a running container holds them; a container that stopped or
 died holds nothing. So the table is rebuilt from the engine before each allocation, and a
-restarted hub knows exactly what its predecessor handed out.
+restarted hub knows exactly what its predecessor handed out. Running containers that this hub
+did not make (another hub, ``docker run --gpus``) hold what their ``DeviceRequests`` name:
+:func:`foreign_claims`.
 
 Between choosing devices and the container running, a spawn holds a *pending* claim kept in
-memory by :class:`ClaimBook`, so two spawns at the same moment never get the same device.
+memory by :class:`ClaimBook`, so two spawns at the same moment never get the same device. A
+failed or interrupted spawn keeps its pending claim until its container is known not to run.
 
 Pure code: no docker, pynvml or jupyterhub imports.
 """
@@ -18,6 +21,7 @@ from typing import Any
 
 from . import labels
 from .allocation import Holder
+from .devices import Inventory
 
 # Container states in which a container holds its devices. "created" is not among them: a
 # container this hub is creating is covered by a pending claim, and one left "created" by a
@@ -48,30 +52,99 @@ def profiles_of_servers(containers: Iterable[Mapping[str, Any]], *, hub_id: str)
     return found
 
 
-class ClaimBook:
-    """Pending claims of spawns in progress in this hub process.
+def foreign_claims(containers: Iterable[Mapping[str, Any]], inventory: Inventory) -> dict[str, Holder]:
+    """UUID -> holder for running containers this hub did not make, from their inspection.
 
-    Not thread-safe by design: the spawner uses it from the hub's event loop only, inside
-    its allocation lock.
+    A container holds what its ``HostConfig.DeviceRequests`` name (UUIDs, indices, CDI names
+    ``nvidia.com/gpu=…``, or a ``Count``: -1 for all GPUs, N for the first N), and, on the
+    ``nvidia`` runtime, what its ``NVIDIA_VISIBLE_DEVICES`` names. A whole GPU held this way
+    holds its MIG devices too. The holder is named after the container, for admins.
+    """
+    whole = sorted((d for d in inventory.devices if not d.is_mig and d.uuid), key=lambda d: d.index)
+    by_index = {str(d.index): d.uuid for d in whole}
+    children: dict[str, list[str]] = {}
+    for d in inventory.devices:
+        if d.parent_uuid:
+            children.setdefault(d.parent_uuid, []).append(d.uuid)
+
+    def resolve(ids: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for raw in ids:
+            ident = raw.split("=", 1)[1] if raw.startswith("nvidia.com/gpu=") else raw
+            if ident == "all":
+                found.update(d.uuid for d in whole)
+            elif ident in by_index:
+                found.add(by_index[ident])
+            elif ident and ident not in ("none", "void"):
+                found.add(ident)
+        return found
+
+    claims: dict[str, Holder] = {}
+    for container in containers:
+        host_config = container.get("HostConfig") or {}
+        held: set[str] = set()
+        for request in host_config.get("DeviceRequests") or ():
+            if request.get("Driver") not in ("", None, "nvidia", "cdi") and not _asks_for_gpus(request):
+                continue
+            ids = request.get("DeviceIDs") or ()
+            count = request.get("Count") or 0
+            if ids:
+                held |= resolve(ids)
+            elif count < 0:
+                held |= {d.uuid for d in whole}
+            elif count > 0:
+                held |= {d.uuid for d in whole[:count]}
+        if host_config.get("Runtime") == "nvidia":
+            env = dict(e.split("=", 1) for e in (container.get("Config") or {}).get("Env") or () if "=" in e)
+            held |= resolve(env.get("NVIDIA_VISIBLE_DEVICES", "").split(","))
+        name = str(container.get("Name") or container.get("Id", "")[:12]).lstrip("/")
+        for uuid in held | {c for u in held for c in children.get(u, ())}:
+            claims[uuid] = Holder(user="", server=f"container {name}")
+    return claims
+
+
+def _asks_for_gpus(request: Mapping[str, Any]) -> bool:
+    return any("gpu" in caps for caps in request.get("Capabilities") or ())
+
+
+class ClaimBook:
+    """Pending claims of spawns in progress in this hub process, one per spawn.
+
+    A claim is taken when devices are chosen and given back by the spawn that took it: once its
+    container runs (then the container's labels hold the devices), or once a failed spawn's
+    container is known to be gone. A failed spawn that could not make sure of that marks its
+    claim *unconfirmed*; the hub's reconciliation drops it once the engine shows no container
+    of that server running. Claims are kept per spawn, not per server: a server started again
+    while its interrupted spawn still cleans up never takes over that spawn's claim.
+
+    Not thread-safe by design: the spawner uses it from the hub's event loop only.
     """
 
     def __init__(self) -> None:
-        self._pending: dict[Holder, tuple[str, ...]] = {}
+        self._pending: dict[str, tuple[Holder, tuple[str, ...]]] = {}
+        self._unconfirmed: set[str] = set()
 
-    def reserve(self, holder: Holder, uuids: tuple[str, ...]) -> None:
-        self._pending[holder] = uuids
+    def reserve(self, spawn_id: str, holder: Holder, uuids: tuple[str, ...]) -> None:
+        self._pending[spawn_id] = (holder, uuids)
 
-    def release(self, holder: Holder) -> tuple[str, ...]:
-        """Drop `holder`'s pending claim; returns the UUIDs it had (empty if none)."""
-        return self._pending.pop(holder, ())
+    def release(self, spawn_id: str) -> tuple[str, ...]:
+        """Drop the spawn's pending claim; returns the UUIDs it had (empty if none)."""
+        self._unconfirmed.discard(spawn_id)
+        return self._pending.pop(spawn_id, (Holder(""), ()))[1]
 
-    def pending(self) -> dict[Holder, tuple[str, ...]]:
-        return dict(self._pending)
+    def keep_unconfirmed(self, spawn_id: str) -> None:
+        """Keep the spawn's claim: it failed, but its container may still run."""
+        if spawn_id in self._pending:
+            self._unconfirmed.add(spawn_id)
+
+    def unconfirmed(self) -> tuple[tuple[str, Holder], ...]:
+        """(spawn id, holder) of the claims kept by failed spawns."""
+        return tuple(sorted((i, self._pending[i][0]) for i in self._unconfirmed))
 
     def merged(self, engine_claims: Mapping[str, Holder]) -> dict[str, Holder]:
         """The full claim table: what running containers hold plus pending claims."""
         merged = dict(engine_claims)
-        for holder, uuids in self._pending.items():
+        for holder, uuids in self._pending.values():
             for uuid in uuids:
                 merged[uuid] = holder
         return merged

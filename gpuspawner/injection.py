@@ -1,10 +1,16 @@
 """How granted devices reach a container: Docker DeviceRequests and the environment.
 
+:func:`check_create_request` is the one choke point behind them: whatever the admin configured,
+the final create request may hand the container no device beyond its grant.
+
 Pure code: no docker, pynvml or jupyterhub imports.
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 InjectionMode = Literal["nvidia", "cdi"]
@@ -34,3 +40,261 @@ def gpu_environment(uuids: tuple[str, ...]) -> dict[str, str]:
         "NVIDIA_VISIBLE_DEVICES": ",".join(uuids) if uuids else "void",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
     }
+
+
+# --- The last check before the engine: nothing reaches a GPU beyond the grant --------------------
+
+_VISIBLE = "NVIDIA_VISIBLE_DEVICES"
+# Read by the NVIDIA Container Toolkit: access to /dev/nvidia-caps for whole GPUs' MIG set-up.
+_MIG_CAPABILITY_VARIABLES = ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_MIG_MONITOR_DEVICES")
+# Character device majors: NVIDIA's GPUs and control nodes, and DRM (/dev/dri) nodes.
+_GPU_MAJORS = {"195": "NVIDIA GPUs (character major 195)", "226": "DRM GPU nodes (character major 226)"}
+# The NVIDIA runtime's "volume-mounts" device list: a mount here names a GPU to hand over.
+_DEVICE_LIST_DIRS = ("/var/run/nvidia-container-devices", "/run/nvidia-container-devices")
+_CDI_ANNOTATION = "cdi.k8s.io/"  # also matches nvidia.cdi.k8s.io/, which the NVIDIA runtime reads
+
+
+class InjectionError(Exception):
+    """A container create request that would reach GPUs beyond the server's grant.
+
+    ``problems`` holds one sentence per refusal; the message is all of them.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__(" ".join(problems))
+        self.problems = tuple(problems)
+
+
+def check_create_request(create_kwargs: Mapping[str, Any], *, granted: tuple[str, ...], mode: InjectionMode) -> None:
+    """Refuse a ``create_container`` call that gives the container devices beyond `granted`.
+
+    `create_kwargs` is what docker-py's ``APIClient.create_container`` receives, after every
+    admin setting (``extra_host_config``, ``extra_create_kwargs``, volumes, mounts) is merged
+    in; ``host_config`` is in the Docker API's CamelCase. The engine matches JSON keys without
+    regard to case, so neither does this check. Raises :class:`InjectionError` naming each
+    thing refused and the setting to change.
+    """
+    problems: list[str] = []
+    host_config = create_kwargs.get("host_config") or {}
+    if not isinstance(host_config, Mapping):
+        raise InjectionError([f"Refused host_config {host_config!r}: it is not a mapping, so its devices cannot be checked."])
+    problems += _privileged(_fields(host_config, "Privileged"))
+    problems += _runtime([*_fields(host_config, "Runtime"), create_kwargs.get("runtime")])
+    problems += _device_requests(_fields(host_config, "DeviceRequests"), granted=granted, mode=mode)
+    problems += _devices(_items(_fields(host_config, "Devices")))
+    problems += _cgroup_rules(_items(_fields(host_config, "DeviceCgroupRules")))
+    problems += _binds(_items(_fields(host_config, "Binds")))
+    problems += _mounts(_items(_fields(host_config, "Mounts")))
+    problems += _annotations(_fields(host_config, "Annotations"))
+    problems += _environment(_variables(create_kwargs.get("environment")), granted=granted)
+    if problems:
+        raise InjectionError(problems)
+
+
+def _fields(mapping: Mapping[str, Any], name: str) -> list[Any]:
+    """Every value the engine would read as field `name` (Go's JSON decoding folds case)."""
+    return [v for k, v in mapping.items() if isinstance(k, str) and k.casefold() == name.casefold()]
+
+
+def _items(values: list[Any]) -> list[Any]:
+    return [item for v in values if isinstance(v, (list, tuple)) for item in v]
+
+
+def _field(mapping: Mapping[str, Any], name: str) -> Any:
+    found = _fields(mapping, name)
+    return found[-1] if found else None
+
+
+def _fix(snake: str, camel: str) -> str:
+    return f"Remove {snake!r} from DockerSpawner.extra_host_config (or {camel!r} from DockerSpawner.extra_create_kwargs['host_config'])."
+
+
+def _privileged(values: list[Any]) -> list[str]:
+    if not any(values):
+        return []
+    return [
+        "Refused a privileged container: a privileged container sees every GPU on the host, whatever "
+        f"its grant. {_fix('privileged', 'Privileged')}"
+    ]
+
+
+def _runtime(values: list[Any]) -> list[str]:
+    return [
+        f"Refused runtime {value!r}: the NVIDIA runtime hands out GPUs by environment variable, beyond the "
+        "server's grant; gpuspawner injects GPUs through DeviceRequests only. "
+        "Remove 'runtime' from DockerSpawner.extra_host_config (or 'Runtime' from "
+        "DockerSpawner.extra_create_kwargs['host_config'], or 'runtime' from DockerSpawner.extra_create_kwargs)."
+        for value in values
+        if isinstance(value, str) and "nvidia" in value.casefold()
+    ]
+
+
+def _device_requests(values: list[Any], *, granted: tuple[str, ...], mode: InjectionMode) -> list[str]:
+    expected = device_requests(granted, mode=mode)
+    problems = []
+    for value in values:
+        requests = [dict(r) if isinstance(r, Mapping) else r for r in value] if isinstance(value, (list, tuple)) else value
+        if requests == expected or (not expected and requests in (None, [])):
+            continue
+        problems.append(
+            f"Refused the device requests {_json(value)}: this server was granted {_granted(granted)}, and "
+            f"gpuspawner alone sets DeviceRequests (here: {_json(expected) if expected else 'none'}). "
+            f"{_fix('device_requests', 'DeviceRequests')}"
+        )
+    return problems
+
+
+def _devices(entries: list[Any]) -> list[str]:
+    problems = []
+    for entry in entries:
+        host = entry.split(":")[0] if isinstance(entry, str) else None
+        if isinstance(entry, Mapping):
+            host = _field(entry, "PathOnHost")
+        if isinstance(host, str) and _holds_gpu_nodes(host):
+            problems.append(
+                f"Refused device {host!r}: it is, or holds, a GPU's device node, and GPUs reach a container only "
+                f"through gpuspawner's DeviceRequests for the devices it granted. {_fix('devices', 'Devices')}"
+            )
+    return problems
+
+
+def _cgroup_rules(rules: list[Any]) -> list[str]:
+    problems = []
+    for rule in rules:
+        if not isinstance(rule, str):
+            continue
+        kind, _, rest = rule.strip().partition(" ")
+        major = rest.strip().partition(":")[0]
+        if kind not in ("a", "c") or (major != "*" and major not in _GPU_MAJORS):
+            continue
+        what = _GPU_MAJORS.get(major, "every character device, the GPUs included")
+        problems.append(
+            f"Refused device cgroup rule {rule!r}: it lets the container use {what} beyond its grant. "
+            f"{_fix('device_cgroup_rules', 'DeviceCgroupRules')}"
+        )
+    return problems
+
+
+def _binds(binds: list[Any]) -> list[str]:
+    problems = []
+    for bind in binds:
+        if not isinstance(bind, str):
+            continue
+        source, _, rest = bind.partition(":")
+        why = _mount_problem(source, rest.partition(":")[0])
+        if why:
+            problems.append(
+                f"Refused bind mount {bind!r}: {why}. Remove it from DockerSpawner.volumes "
+                "(or 'binds' in DockerSpawner.extra_host_config)."
+            )
+    return problems
+
+
+def _mounts(mounts: list[Any]) -> list[str]:
+    problems = []
+    for mount in mounts:
+        if not isinstance(mount, Mapping):
+            continue
+        kind, source, target = (_field(mount, k) for k in ("Type", "Source", "Target"))
+        bind = isinstance(kind, str) and kind.casefold() == "bind"
+        why = _mount_problem(source if bind and isinstance(source, str) else "", target if isinstance(target, str) else "")
+        if why:
+            problems.append(
+                f"Refused mount of {source!r} at {target!r}: {why}. Remove it from DockerSpawner.mounts "
+                "(or 'mounts' in DockerSpawner.extra_host_config)."
+            )
+    return problems
+
+
+def _mount_problem(source: str, target: str) -> str | None:
+    if source.startswith("/") and _is_gpu_node(source):
+        return "it mounts a GPU's device node, and GPUs reach a container only through gpuspawner's DeviceRequests"
+    if target and any(_under(_normal(target), d) for d in _DEVICE_LIST_DIRS):
+        return "a mount under /var/run/nvidia-container-devices asks the NVIDIA runtime for GPUs, beyond the server's grant"
+    return None
+
+
+def _annotations(values: list[Any]) -> list[str]:
+    return [
+        f"Refused annotation {key!r}: the NVIDIA runtime reads CDI annotations as device requests, beyond the "
+        "server's grant. Remove it from 'Annotations' in DockerSpawner.extra_create_kwargs['host_config']."
+        for value in values
+        if isinstance(value, Mapping)
+        for key in value
+        if isinstance(key, str) and _CDI_ANNOTATION in key
+    ]
+
+
+def _environment(variables: list[tuple[str, str | None]], *, granted: tuple[str, ...]) -> list[str]:
+    expected = gpu_environment(granted)[_VISIBLE]
+    problems = []
+    visible = [value for name, value in variables if name == _VISIBLE]
+    if not visible:
+        problems.append(
+            f"Refused an environment without {_VISIBLE}: it must be {expected!r} for this server, or a CUDA "
+            f"image's own {_VISIBLE}=all reaches every GPU on a host whose default runtime is nvidia. gpuspawner "
+            "sets it itself: an 'environment' list in DockerSpawner.extra_create_kwargs replaces the spawner's; "
+            "give extra variables in Spawner.environment instead."
+        )
+    for value in dict.fromkeys(v for v in visible if v != expected):
+        shown = f"{_VISIBLE} without a value" if value is None else f"{_VISIBLE}={value!r}"
+        problems.append(
+            f"Refused {shown}: this server was granted {_granted(granted)}, so it must be {expected!r}; gpuspawner "
+            f"sets it itself. Remove it from DockerSpawner.extra_create_kwargs['environment']."
+        )
+    for name, value in variables:
+        if name in _MIG_CAPABILITY_VARIABLES and value:
+            problems.append(
+                f"Refused {name}={value!r}: it hands the container MIG set-up or monitoring of whole GPUs, beyond "
+                "its grant. Remove it from Spawner.environment, the profile's environment and "
+                "DockerSpawner.extra_create_kwargs['environment']."
+            )
+    return problems
+
+
+def _variables(environment: Any) -> list[tuple[str, str | None]]:
+    """(name, value) pairs as docker-py sends them; a value of None is a name without '='."""
+    if isinstance(environment, Mapping):
+        return [(str(k), _text(v)) for k, v in environment.items()]
+    if isinstance(environment, (list, tuple)):
+        pairs: list[tuple[str, str | None]] = []
+        for entry in environment:
+            name, sep, value = str(entry).partition("=")
+            pairs.append((name, value if sep else None))
+        return pairs
+    return []
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _normal(path: str) -> str:
+    """An absolute, normalised path (a relative one as the engine, running in /, would see it)."""
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory + "/")
+
+
+def _is_gpu_node(path: str) -> bool:
+    """A GPU's device node, or a directory of nothing but GPU nodes."""
+    p = _normal(path)
+    char_major = p[len("/dev/char/"):].partition(":")[0] if _under(p, "/dev/char") else None
+    return p.startswith("/dev/nvidia") or _under(p, "/dev/dri") or char_major in _GPU_MAJORS
+
+
+def _holds_gpu_nodes(path: str) -> bool:
+    """The engine adds every node under a directory given as a device (symlinks resolved)."""
+    return _is_gpu_node(path) or _normal(path) in ("/", "/dev", "/dev/char")
+
+
+def _granted(granted: tuple[str, ...]) -> str:
+    return ", ".join(granted) if granted else "no GPU"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=repr)

@@ -10,6 +10,7 @@ Pure code: no docker, jupyterhub or pynvml imports.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ SERVER = PREFIX + "server"
 VERSION = PREFIX + "version"
 DEVICES = PREFIX + "devices"  # comma-separated UUIDs of the GPUs / MIG devices the server holds
 PROFILE = PREFIX + "profile"  # the slug of the profile the server was started with ("" without profiles)
+RECORD = PREFIX + "record"  # the id of the audit record of the spawn that created the container
+SETTINGS = PREFIX + "settings"  # a hash of the settings the container was created from (see settings_hash)
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,15 @@ def hub_id_for(*, hostname: str, db_url: str) -> str:
 
 
 def server_labels(
-    identity: ServerIdentity, *, version: str, devices: tuple[str, ...] = (), profile: str = ""
+    identity: ServerIdentity,
+    *,
+    version: str,
+    devices: tuple[str, ...] = (),
+    profile: str = "",
+    record: str = "",
+    settings: str = "",
 ) -> dict[str, str]:
-    """The labels to put on a server's container, with the devices it holds and its profile."""
+    """The labels to put on a server's container: its devices, profile, audit record and settings hash."""
     return {
         HUB: identity.hub_id,
         USER: identity.user,
@@ -52,7 +61,19 @@ def server_labels(
         VERSION: version,
         DEVICES: ",".join(devices),
         PROFILE: profile,
+        RECORD: record,
+        SETTINGS: settings,
     }
+
+
+def settings_hash(settings: Mapping[str, object]) -> str:
+    """A short hash of what a container is made from (image, limits, environment, devices…).
+
+    A kept container (``DockerSpawner.remove = False``) is reused only when the hash of the
+    settings resolved for the new spawn equals the one in its label.
+    """
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def devices_from_labels(labels: Mapping[str, str] | None) -> tuple[str, ...]:

@@ -11,7 +11,10 @@ Failures are sorted like this:
   so, one warning in the log, and a hub that keeps serving CPU-only servers;
 - a GPU whose queries fail (lost, fallen off the bus): listed as unhealthy, never allocated;
 - a query NVML does not support for a device (utilization under MIG, topology on some
-  boards): that field is left empty.
+  boards): that field is left empty;
+- a driver that does not answer (hung): :class:`NVMLTimeout` after ``timeout`` seconds, one
+  warning in the log, and no new read until the hung one returns; servers without GPUs never
+  ask NVML, so they still start.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pynvml
@@ -173,48 +175,100 @@ def _read_inventory() -> Inventory:
     )
 
 
+class NVMLTimeout(Exception):
+    """NVML did not answer within :attr:`NVMLInventory.timeout`; the read goes on in its thread."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"NVML did not answer within {seconds:g} s (the driver may be hung); "
+            "GPU servers cannot start until it does."
+        )
+        self.seconds = seconds
+
+
 class NVMLInventory:
     """The inventory for the hub's event loop: off-loop reads, a short cache, one read at a time.
 
-    ``cache_seconds`` is how old an answer may be before NVML is asked again; callers that
-    need the truth now (the allocation step) pass ``max_age=0``.
+    ``cache_seconds`` is how old an answer may be before NVML is asked again. A caller that
+    needs an answer begun after its call may pass ``max_age=0``; nothing in gpuspawner does (the
+    allocation reads claims fresh from the Docker engine and takes the cached inventory).
+
+    ``timeout`` bounds every read: a read that has not answered ``timeout`` seconds after it
+    began is taken for a hung driver, and :meth:`get` raises :class:`NVMLTimeout` to everyone
+    waiting on it and, at once, to everyone who asks while it is still out. A call into a hung
+    driver cannot be stopped, so that read keeps its thread; no other read starts until it
+    returns, and its answer then fills the cache as usual. The thread is a daemon, so a hung
+    driver never keeps the hub from exiting.
     """
 
     def __init__(
         self,
         *,
         cache_seconds: float,
+        timeout: float = 10.0,
         reader: Callable[[], Inventory] = read_inventory,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache_seconds = cache_seconds
+        self.timeout = timeout
         self._reader = reader
         self._clock = clock
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gpuspawner-nvml")
         self._cached: tuple[float, Inventory] | None = None
-        self._inflight: asyncio.Future[Inventory] | None = None
+        self._inflight: asyncio.Task[Inventory] | None = None
+        self._deadline = 0.0  # event-loop time by which the read in flight must answer
+        self._hung_since: float | None = None  # loop time the overdue read began, once logged
         self._last_problem: str | None = None
 
     async def get(self, *, max_age: float | None = None) -> Inventory:
-        max_age = self.cache_seconds if max_age is None else max_age
+        """The inventory, at most `max_age` (default ``cache_seconds``) seconds old.
+
+        Raises :class:`NVMLTimeout` when NVML has not answered within ``timeout`` seconds.
+        """
+        until = asyncio.get_running_loop().time() + self.timeout
+        return await self._get(self.cache_seconds if max_age is None else max_age, until)
+
+    async def _get(self, max_age: float, until: float) -> Inventory:
+        loop = asyncio.get_running_loop()
         started = self._clock()
         if self._cached and started - self._cached[0] <= max_age:
             return self._cached[1]
         if self._inflight is None:
+            self._deadline = loop.time() + self.timeout
             self._inflight = asyncio.ensure_future(self._read(started))
+            self._inflight.add_done_callback(_retrieve)
         inflight = self._inflight
-        inventory = await asyncio.shield(inflight)
+        remaining = min(self._deadline, until) - loop.time()
+        if remaining > 0:
+            # asyncio.wait neither cancels the read on timeout nor when this caller is cancelled.
+            await asyncio.wait({inflight}, timeout=remaining)
+        if not inflight.done():
+            self._note_hung()
+            raise NVMLTimeout(self.timeout)
+        inventory = inflight.result()
         if self._cached and self._cached[0] < started and max_age == 0:
             # That read began before we asked; the truth-now caller needs a fresh one.
-            return await self.get(max_age=0)
+            return await self._get(0, until)
         return inventory
+
+    def _note_hung(self) -> None:
+        if self._hung_since is None:
+            self._hung_since = self._deadline - self.timeout
+            log.warning(
+                "NVML has not answered for %g s (the driver may be hung): GPU servers cannot start "
+                "until it does; CPU-only servers still start.",
+                self.timeout,
+            )
 
     async def _read(self, started: float) -> Inventory:
         try:
-            inventory = await asyncio.get_running_loop().run_in_executor(self._executor, self._reader)
+            inventory = await _in_daemon_thread(self._reader)
         finally:
             self._inflight = None
         self._cached = (started, inventory)
+        if self._hung_since is not None:
+            waited = asyncio.get_running_loop().time() - self._hung_since
+            log.info("NVML answers again after %.0f s: %d devices", waited, len(inventory.devices))
+            self._hung_since = None
         if inventory.problem != self._last_problem:
             if inventory.problem:
                 log.warning("GPUs unavailable, serving CPU-only servers: %s", inventory.problem)
@@ -222,3 +276,41 @@ class NVMLInventory:
                 log.info("NVML answers again: %d devices", len(inventory.devices))
             self._last_problem = inventory.problem
         return inventory
+
+
+def _retrieve(task: asyncio.Task[Inventory]) -> None:
+    """Mark a failed read's error as seen: its waiters may all have timed out and left."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _in_daemon_thread(reader: Callable[[], Inventory]) -> Inventory:
+    """`reader()` in a thread of its own that never holds up interpreter exit.
+
+    An executor's threads are joined when the interpreter exits, so one stuck in a hung
+    driver would keep the hub from stopping; single-flight reads mean one thread at a time.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Inventory] = loop.create_future()
+
+    def settle(result: Inventory | None, error: BaseException | None) -> None:
+        if future.done():  # the waiting task was cancelled, e.g. at loop shutdown
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert result is not None
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = reader(), None
+        except BaseException as e:  # handed to the event loop, which raises it to the callers
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the event loop has closed: nobody is waiting any more
+
+    threading.Thread(target=run, name="gpuspawner-nvml", daemon=True).start()
+    return await future

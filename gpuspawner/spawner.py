@@ -22,11 +22,13 @@ Override points, for admins who subclass GPUSpawner:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +43,13 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Callable, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, default, validate
 from traitlets.config import Config
 
-from . import audit, images, injection, labels, profiles, seams, settings
+from . import audit, images, injection, labels, profiles, reconcile, seams, settings
 from ._version import __version__
 from .allocation import Grant, GPURequest, Holder, allocate, availability, quota_for, quota_refusal
-from .claims import ClaimBook, claims_from_containers
+from .claims import HOLDING_STATES, ClaimBook, claims_from_containers, foreign_claims
 from .devices import Inventory
-from .nvml import NVMLInventory
-from .store import AsyncAuditStore, AuditStoreError, default_audit_url
+from .nvml import NVMLInventory, NVMLTimeout
+from .store import AsyncAuditStore, AuditRecordSealed, AuditStoreError, default_audit_url
 
 WAIT_POLL_SECONDS = 2.0
 TEMPLATES = Path(__file__).parent / "templates"
@@ -67,8 +69,44 @@ def _hub_db_url() -> str:
     return url
 
 
+HUB_ID_FILE = "gpuspawner-hub-id"
+
+
+def _data_folder(db_url: str) -> Path:
+    """The hub's data folder: where its SQLite database lives, else its working directory."""
+    return Path(default_audit_url(db_url or "sqlite:///jupyterhub.sqlite", cwd=os.getcwd())[len("sqlite:///"):]).parent
+
+
+def stored_hub_id(db_url: str, *, create: bool) -> str:
+    """The hub's identity, kept in ``gpuspawner-hub-id`` in its data folder.
+
+    The first start writes it (derived from the host name and the database URL, as before
+    it was kept), so a hub whose container is recreated with another host name keeps it.
+    ``create=False`` (the CLI) reads it, or derives it where the hub never wrote one.
+    """
+    path = _data_folder(db_url) / HUB_ID_FILE
+    try:
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    except FileNotFoundError:
+        pass
+    derived = labels.hub_id_for(hostname=socket.gethostname(), db_url=db_url)
+    if create:
+        tmp = path.with_name(f".{HUB_ID_FILE}.{os.getpid()}")
+        tmp.write_text(derived + "\n")
+        try:
+            os.link(tmp, path)  # never overwrites an identity another process wrote first
+        except FileExistsError:
+            return path.read_text().strip() or derived
+        finally:
+            tmp.unlink()
+    return derived
+
+
 class _HubWide:
-    """What all servers of one hub process share: the NVML reader, pending claims, the lock."""
+    """What all servers of one hub process share: the NVML reader, pending claims, the lock,
+    the live spawners (to tell a server's container from an orphan) and background tasks."""
 
     def __init__(self) -> None:
         self.book = ClaimBook()
@@ -77,6 +115,17 @@ class _HubWide:
         self.stores: dict[str, AsyncAuditStore] = {}
         self.docker_version: str | None = None
         self.pools: dict[str, ThreadPoolExecutor] = {}
+        self.hub_id: str | None = None
+        self.spawners: weakref.WeakValueDictionary[tuple[str, str], GPUSpawner] = weakref.WeakValueDictionary()
+        self.foreign: dict[str, dict[str, Any]] = {}  # container id -> inspection, for other containers' devices
+        self.tasks: set[asyncio.Future[Any]] = set()
+
+    def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Run `aw` in the background, keeping a reference until it ends (and logging a failure)."""
+        task = asyncio.ensure_future(aw)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def pool(self, name: str, threads: int) -> ThreadPoolExecutor:
         """The hub's thread pool called `name`, made with `threads` workers on first use."""
@@ -90,9 +139,9 @@ class _HubWide:
             self._lock = asyncio.Lock()
         return self._lock
 
-    def inventory(self, cache_seconds: float) -> NVMLInventory:
+    def inventory(self, cache_seconds: float, timeout: float) -> NVMLInventory:
         if self.nvml is None:
-            self.nvml = NVMLInventory(cache_seconds=cache_seconds)
+            self.nvml = NVMLInventory(cache_seconds=cache_seconds, timeout=timeout)
         return self.nvml
 
     def audit(self, url: str) -> AsyncAuditStore:
@@ -122,9 +171,33 @@ class GPUSpawner(DockerSpawner):
         must stay the same for the life of the hub's database and differ between hubs on one
         engine.
 
-        By default it is derived from the host name and the hub's database URL, which meets
-        both needs; set it when the hub moves to another host or database but keeps its
-        containers. Example: ``c.GPUSpawner.hub_id = "physics-lab-hub"``.
+        By default it is made on the hub's first start (from the host name and the database
+        URL) and kept in the file ``gpuspawner-hub-id`` in the hub's data folder (beside its
+        SQLite database, else its working directory), so a hub whose container is recreated
+        keeps it. Set it to give the hub a name of your own, or to keep the identity of a hub
+        moved to another data folder. Example: ``c.GPUSpawner.hub_id = "physics-lab-hub"``.
+        """,
+    ).tag(config=True)
+
+    nvml_timeout = Float(
+        10.0,
+        help="""
+        Seconds to wait for NVML to answer (a hung driver can block it for minutes). Past
+        it, GPU spawns are refused with HTTP 503 saying NVML does not answer, the spawn form
+        marks GPU profiles unavailable, and CPU-only servers start as usual.
+        Example: ``c.GPUSpawner.nvml_timeout = 30``.
+        """,
+    ).tag(config=True)
+
+    reconcile_interval = Float(
+        60.0,
+        help="""
+        Seconds between the hub's checks of its containers against its servers: a container
+        of this hub that no server of the hub owns (an orphan, left by a crash or an
+        interrupted spawn) is stopped, its GPUs freed and its audit record closed with the
+        reason; a record whose server is gone is closed with what the engine knows (exit
+        code, OOM). The check also runs once when the hub has started. ``0``: only then.
+        Example: ``c.GPUSpawner.reconcile_interval = 30``.
         """,
     ).tag(config=True)
 
@@ -277,7 +350,7 @@ class GPUSpawner(DockerSpawner):
         "",
         help="""
         Where the audit records live: any SQLAlchemy URL, e.g.
-        ``"postgresql://gpuspawner@db/audit"`` for large hubs. Default: an SQLite file
+        ``"postgresql+psycopg://gpuspawner@db/audit"`` for large hubs (``pip install "gpuspawner[postgresql]"``). Default: an SQLite file
         ``gpuspawner-audit.sqlite`` beside the hub's own SQLite database (or in the hub's
         folder). The ``gpuspawner audit`` commands find it from ``jupyterhub_config.py``.
         Example: ``c.GPUSpawner.audit_db_url = "sqlite:////srv/jupyterhub/audit.sqlite"``.
@@ -310,6 +383,12 @@ class GPUSpawner(DockerSpawner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._audit_writes: list[asyncio.Future[Any]] = []  # queued changes to the current record
+        self._docker_calls: set[concurrent.futures.Future[Any]] = set()  # this server's calls in flight
+        self._spawning = False  # from start() until its record says how the spawn went
+        self._spawn_image: str | None = None  # the image resolved and recorded for this spawn
+        self._settings_hash = ""  # what this spawn's container is made from (label gpuspawner.settings)
+        if getattr(self, "orm_spawner", None) is not None:  # one of the hub's servers (not the caretaker)
+            _hub.spawners[(self.user.name, self.name or "")] = self
 
     gpu_devices: tuple[str, ...] = ()  # UUIDs this server holds, kept in the spawner's state
     audit_record_id: str = ""  # the audit record of the current or last spawn, kept in the state
@@ -339,7 +418,9 @@ class GPUSpawner(DockerSpawner):
 
     @default("hub_id")
     def _default_hub_id(self) -> str:
-        return labels.hub_id_for(hostname=socket.gethostname(), db_url=_hub_db_url())
+        if _hub.hub_id is None:
+            _hub.hub_id = stored_hub_id(_hub_db_url(), create=True)
+        return _hub.hub_id
 
     @validate("gpu_request")
     def _check_gpu_request(self, proposal: Any) -> Any:
@@ -385,7 +466,8 @@ class GPUSpawner(DockerSpawner):
     def container_labels(self) -> dict[str, str]:
         """The labels for this server's container (override point; call super() and add)."""
         return labels.server_labels(
-            self.server_identity, version=__version__, devices=self.gpu_devices, profile=self.profile_slug
+            self.server_identity, version=__version__, devices=self.gpu_devices, profile=self.profile_slug,
+            record=self.audit_record_id, settings=self._settings_hash,
         )
 
     # --- State -------------------------------------------------------------------------------
@@ -432,23 +514,69 @@ class GPUSpawner(DockerSpawner):
         configured ``extra_create_kwargs`` untouched.
         """
         if method == "create_container":
-            kwargs = dict(kwargs, labels=labels.merge_labels(kwargs.get("labels"), self.container_labels()))
-            requests = injection.device_requests(self.gpu_devices, mode=self.device_injection)
-            if requests:
-                kwargs["host_config"] = dict(kwargs.get("host_config") or {}, DeviceRequests=requests)
-        if method == "pull":
-            return asyncio.wrap_future(_hub.pool("pull", self.pull_threads).submit(self._docker, method, *args, **kwargs))
-        return super().docker(method, *args, **kwargs)
+            kwargs = self._checked_create_request(kwargs)
+        pool = _hub.pool("pull", self.pull_threads) if method == "pull" else self.executor
+        call = pool.submit(self._docker, method, *args, **kwargs)
+        # An interrupted spawn waits for the calls it started (a `docker start` runs on in its
+        # thread) before it removes what they made and gives its devices back.
+        self._docker_calls.add(call)
+        call.add_done_callback(self._docker_calls.discard)
+        return asyncio.wrap_future(call)
+
+    def _checked_create_request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The create request with our labels and devices, checked just before it goes to the engine.
+
+        Whatever the admin configured (``extra_host_config``, ``extra_create_kwargs``, callables),
+        a container gets exactly its grant of devices and the image this spawn recorded, or is
+        not created.
+        """
+        kwargs = dict(kwargs, labels=labels.merge_labels(kwargs.get("labels"), self.container_labels()))
+        host_config = dict(kwargs.get("host_config") or {})
+        requests = injection.device_requests(self.gpu_devices, mode=self.device_injection)
+        if requests:  # a DeviceRequest the admin configured stays, for the check to refuse
+            host_config["DeviceRequests"] = list(host_config.get("DeviceRequests") or ()) + requests
+        # The hub removes its containers itself (on stop, or once it has read how one died), so
+        # that a dead container's exit code and OOM flag can still be read into its record.
+        host_config["AutoRemove"] = False
+        kwargs["host_config"] = host_config
+        if self._spawn_image is not None and kwargs.get("image") != self._spawn_image:
+            raise web.HTTPError(
+                500, f"The container would be created from {kwargs.get('image')}, but this spawn resolved and "
+                f"recorded {self._spawn_image}; tell an admin (a setting changes the image after gpuspawner chose it)."
+            )
+        try:
+            injection.check_create_request(kwargs, granted=self.gpu_devices, mode=self.device_injection)
+        except injection.InjectionError as e:
+            self.log.error("Refused to create the container of %s: %s", self._log_name, e)
+            raise web.HTTPError(500, f"{e} The server was not created; tell an admin.") from None
+        return kwargs
 
     @property
     def executor(self) -> ThreadPoolExecutor:
         """The hub's bounded pool for Docker calls (DockerSpawner has one thread for everyone)."""
         return _hub.pool("docker", self.docker_threads)
 
-    async def engine_claims(self) -> dict[str, Holder]:
-        """UUID -> holder for this hub's running containers, read from the Docker engine now."""
-        containers = await self.docker("containers", all=True, filters=labels.hub_filter(self.hub_id))
-        return claims_from_containers(containers, hub_id=self.hub_id)
+    async def engine_claims(self, inventory: Inventory) -> dict[str, Holder]:
+        """UUID -> holder for every running container on the engine, read from it now.
+
+        This hub's containers hold what their labels say; any other running container (another
+        hub's, a ``docker run --gpus``) what its DeviceRequests name. A container's requests
+        never change, so each other container is inspected once, when first seen.
+        """
+        running = await self.docker("containers")
+        others = [c for c in running if (c.get("Labels") or {}).get(labels.HUB) != self.hub_id]
+        for c in others:
+            if c["Id"] not in _hub.foreign:
+                try:
+                    _hub.foreign[c["Id"]] = await self.docker("inspect_container", c["Id"])
+                except docker.errors.NotFound:
+                    continue
+        seen = {c["Id"] for c in others}
+        for gone in set(_hub.foreign) - seen:
+            del _hub.foreign[gone]
+        claims = foreign_claims([_hub.foreign[i] for i in seen if i in _hub.foreign], inventory)
+        claims.update(claims_from_containers(running, hub_id=self.hub_id))
+        return claims
 
     # --- Profiles ----------------------------------------------------------------------------
 
@@ -470,14 +598,13 @@ class GPUSpawner(DockerSpawner):
             raise web.HTTPError(500, f"The hub's profiles are misconfigured; tell an admin. ({e})") from None
 
     def _use_profile(self, profile: profiles.Profile | None) -> GPURequest:
-        """Settings for this spawn, built fresh from the profile and the configured defaults.
+        """Settings for this spawn, built fresh from the profile and the values configured now.
 
-        The configured values are read once and never changed, so one spawn's profile cannot
-        leak into the next spawn of this server or any other.
+        The values as they stand when the spawn begins (configuration, group overrides, a
+        pre-spawn hook) are put back when it ends (:meth:`_restore_configured`), so one
+        spawn's profile never leaks into the next, and the next sees what is configured then.
         """
-        base = getattr(self, "_configured", None)
-        if base is None:
-            base = self._configured = {"image": self.image, "mem_limit": self.mem_limit, "cpu_limit": self.cpu_limit}
+        base = self._configured = {"image": self.image, "mem_limit": self.mem_limit, "cpu_limit": self.cpu_limit}
         self._profile = profile
         if profile is None:
             self.profile_slug = ""
@@ -488,6 +615,11 @@ class GPUSpawner(DockerSpawner):
         self.mem_limit = profile.mem_limit if profile.mem_limit is not None else base["mem_limit"]
         self.cpu_limit = profile.cpu_limit if profile.cpu_limit is not None else base["cpu_limit"]
         return profile.gpus
+
+    def _restore_configured(self) -> None:
+        base = self.__dict__.pop("_configured", None)
+        if base is not None:
+            self.image, self.mem_limit, self.cpu_limit = base["image"], base["mem_limit"], base["cpu_limit"]
 
     def run_options_from_form(self, form_data: dict[str, list[str]]) -> Any:
         if not self.profiles:
@@ -509,8 +641,8 @@ class GPUSpawner(DockerSpawner):
         mine = profiles.allowed_profiles(configured, user=self.user.name, groups=self.group_names)
         inventory, claims = _NO_GPUS, {}
         if any(p.gpus.wants_gpu for p in mine):
-            claims = _hub.book.merged(await self.engine_claims())
-            inventory = await _hub.inventory(self.nvml_cache_seconds).get()
+            inventory = await self._inventory_or_problem()
+            claims = _hub.book.merged(await self.engine_claims(inventory))
         threshold = settings.parse_bytes(self.busy_memory_threshold, where="GPUSpawner.busy_memory_threshold")
         entries = []
         for p in mine:
@@ -546,6 +678,16 @@ class GPUSpawner(DockerSpawner):
         """The GPUs this server asks for without profiles (validated when the configuration loaded)."""
         return settings.parse_gpu_request(self.gpu_request, where="GPUSpawner.gpu_request")
 
+    def nvml_reader(self) -> NVMLInventory:
+        return _hub.inventory(self.nvml_cache_seconds, self.nvml_timeout)
+
+    async def _inventory_or_problem(self) -> Inventory:
+        """The inventory; where NVML hangs, an empty one saying so (the form shows it)."""
+        try:
+            return await self.nvml_reader().get()
+        except NVMLTimeout as e:
+            return Inventory(problem=str(e))
+
     async def allocate_devices(self, request: GPURequest) -> Grant:
         """Choose devices and note a pending claim, waiting if configured; else HTTP 403 or 503."""
         waited_since = time.monotonic()
@@ -553,17 +695,22 @@ class GPUSpawner(DockerSpawner):
         threshold = settings.parse_bytes(self.busy_memory_threshold, where="GPUSpawner.busy_memory_threshold")
         quota = quota_for(self.group_names, default=self.max_gpus_per_user, per_group=self.max_gpus_per_group)
         while True:
+            # Read outside the lock: a hung NVML then holds up no other spawn (each waits at
+            # most nvml_timeout), and the hardware's state does not depend on the claims.
+            try:
+                inventory = await self.nvml_reader().get()
+            except NVMLTimeout as e:
+                raise web.HTTPError(503, str(e)) from None
             async with _hub.lock:
-                claims = _hub.book.merged(await self.engine_claims())
+                claims = _hub.book.merged(await self.engine_claims(inventory))
                 over_quota = quota_refusal(request, claims, holder=self.holder, quota=quota)
                 if over_quota:
                     raise web.HTTPError(403, over_quota)
-                inventory = await _hub.inventory(self.nvml_cache_seconds).get()
                 result = allocate(
                     request, inventory, claims, holder=self.holder, busy_memory_threshold=threshold
                 )
                 if isinstance(result, Grant):
-                    _hub.book.reserve(self.holder, result.uuids)
+                    _hub.book.reserve(self.audit_record_id, self.holder, result.uuids)
                     return result
             self.log.info("No devices for %s: %s", self._log_name, result.message(admin=True))
             remaining = deadline - time.monotonic()
@@ -575,15 +722,20 @@ class GPUSpawner(DockerSpawner):
             )
             await asyncio.sleep(min(WAIT_POLL_SECONDS, remaining))
 
-    async def _replace_container_with_other_devices(self) -> None:
-        """A kept container (remove = False) is never started with devices no longer its own."""
+    async def _replace_kept_container_if_changed(self) -> None:
+        """A kept container (remove = False) is reused only if made from exactly this spawn's settings.
+
+        Its label ``gpuspawner.settings`` hashes the image, limits, environment, devices and
+        profile it was created from; any difference (a new image, a revoked profile, other
+        GPUs) and it is replaced by a new container.
+        """
         if self.remove:  # DockerSpawner removes any leftover container itself
             return
         obj = await self.get_object()
         if obj is None:
             return
-        if labels.devices_from_labels(obj["Config"].get("Labels")) != self.gpu_devices:
-            self.log.info("Recreating %s for %s: its devices changed", self.object_name, self._log_name)
+        if (obj["Config"].get("Labels") or {}).get(labels.SETTINGS) != self._settings_hash:
+            self.log.info("Recreating %s for %s: its settings changed", self.object_name, self._log_name)
             await self.stop_object()
             await self.remove_object()
 
@@ -659,20 +811,22 @@ class GPUSpawner(DockerSpawner):
         """Wait for the queued changes; raise the first that failed, unless the record was sealed."""
         writes, self._audit_writes = self._audit_writes, []
         for result in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(result, AuditStoreError):  # sealed already: the spawn ended while this was on its way
+            if isinstance(result, AuditRecordSealed):  # the spawn ended while this was on its way
                 self.log.debug("Audit record of %s not updated: %s", self._log_name, result)
+            elif isinstance(result, AuditStoreError):
+                raise web.HTTPError(
+                    500, "The hub could not write this server's audit record, so it does not start it; tell an admin."
+                ) from result
             elif isinstance(result, BaseException):
                 raise result
 
-    async def _audit_finish(self, **changes: Any) -> None:
+    async def _audit_finish(self, record_id: str, **changes: Any) -> None:
+        """Close a record; never raises. A database that does not answer gets the change later."""
         try:
             await self._audit_written()
         except Exception as e:
             self.log.error("A change to the audit record of %s was not written: %s", self._log_name, e)
-        try:
-            await asyncio.shield(self.audit_store().finish(self.audit_record_id, stopped_at=seams.now_iso(), **changes))
-        except AuditStoreError as e:
-            self.log.debug("Audit record of %s already closed: %s", self._log_name, e)
+        await close_record(self.audit_store(), record_id, self.log, stopped_at=seams.now_iso(), **changes)
 
     async def _docker_version(self) -> str | None:
         if _hub.docker_version is None:
@@ -691,29 +845,43 @@ class GPUSpawner(DockerSpawner):
         except Exception:
             self.log.exception("Could not note that %s is ready in its audit record", self._log_name)
 
-    # --- Start and stop ----------------------------------------------------------------------
+    # --- Start, poll and stop ----------------------------------------------------------------
 
     async def start(self) -> Any:
-        """Record the spawn, then start it; whatever happens, the record says how it ended."""
+        """Record the spawn, then start it; whatever happens, the record says how it ended.
+
+        A spawn that fails or is interrupted (the user cancels, ``start_timeout``) removes what
+        it created and gives its devices back only once its container is known not to run.
+        """
         self._progress_events = []
-        self._resolved_image = None
+        self._spawn_image = None
         record = audit.AuditRecord(
             id=seams.new_record_id(), hub_id=self.hub_id, user=self.user.name, server=self.name or "",
             requested_at=seams.now_iso(), hostname=socket.gethostname(), gpuspawner_version=__version__,
         )
+        # Set before the insert, so the hub's reconciliation never takes the new record for a lost one.
+        self.audit_record_id = record.id
+        self._spawning = True
         try:
             await self.audit_store().insert(record)
         except Exception as e:
+            self._spawning = False
+            self.audit_record_id = ""
             self.log.error("Cannot write the audit record of %s: %s", self._log_name, e)
             raise web.HTTPError(500, "The hub cannot write its audit record, so it starts no server; tell an admin.") from e
-        self.audit_record_id = record.id
         try:
             result = await self._start_recorded()
             await self._audit_written()
-        except BaseException as e:
-            await self._audit_finish(outcome="failed", error=_error_text(e))
+        except asyncio.CancelledError as e:
+            # Interrupted (the user cancelled, start_timeout): JupyterHub goes on at once; the
+            # clean-up runs on, and the devices stay claimed until the container is gone.
+            _hub.keep(self._end_failed_spawn(record.id, e, container_id=self.object_id))
             raise
-        asyncio.ensure_future(self._watch_until_ready(record.id))
+        except BaseException as e:
+            await self._end_failed_spawn(record.id, e, container_id=self.object_id)
+            raise
+        self._spawning = False
+        _hub.keep(self._watch_until_ready(record.id))
         return result
 
     async def _start_recorded(self) -> Any:
@@ -728,13 +896,18 @@ class GPUSpawner(DockerSpawner):
                 raise web.HTTPError(e.status, e.message) from None
             self._progress(f"Profile: {profile.display_name} ({profile.resources()})")
         request = self._use_profile(profile)
+        image_option = (self.user_options or {}).get("image") if profile is None else None
+        if image_option:  # DockerSpawner's allowed_images: resolved here, before it is recorded and pinned
+            self.image = await super().check_allowed(image_option)
+        environment = audit.without_secrets(self._configured_environment())
+        profile_hash = audit.content_hash(profiles.profile_config(profile)) if profile else None
         self._audit_update(
             profile=profile.slug if profile else None,
-            profile_hash=audit.content_hash(profiles.profile_config(profile)) if profile else None,
+            profile_hash=profile_hash,
             image_requested=self.image,
             cpu_limit=self.cpu_limit,
             mem_limit=_bytes_or_none(self.mem_limit),
-            environment=audit.without_secrets(self._configured_environment()),
+            environment=environment,
         )
         if request.wants_gpu:
             self._progress(f"Looking for {request.describe()}")
@@ -742,34 +915,69 @@ class GPUSpawner(DockerSpawner):
         else:
             grant = Grant(devices=())  # CPU-only: no lock, no NVML, no claim
         self.gpu_devices = grant.uuids
-        try:
-            if grant.devices:
-                self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
-                self._progress("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
-                inventory = await _hub.inventory(self.nvml_cache_seconds).get()
-                self._audit_update(
-                    devices=tuple(
-                        audit.RecordedDevice(uuid=d.uuid, model=d.model, memory_total=d.memory_total,
-                                             mig_parent=d.parent_uuid, mig_profile=d.mig_profile)
-                        for d in grant.devices
-                    ),
-                    driver_version=inventory.driver_version,
-                    cuda_driver_version=inventory.cuda_driver_version,
-                )
-            resolved = await self.resolve_image(self.image)
-            if self.pin_to_digest and resolved["repo_digest"]:
-                self.image = images.parse_image(resolved["repo_digest"]).by_digest()
-            self._resolved_image = self.image
-            self._audit_update(docker_version=await self._docker_version(), **resolved)
-            await self._replace_container_with_other_devices()
-            result = await super().start()
-        except BaseException:
-            self.gpu_devices = ()
-            raise
-        finally:
-            # Started: the running container's labels hold the devices. Failed: nothing does.
-            _hub.book.release(self.holder)
+        if grant.devices:
+            self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
+            self._progress("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
+            inventory = await self.nvml_reader().get()
+            self._audit_update(
+                devices=tuple(
+                    audit.RecordedDevice(uuid=d.uuid, model=d.model, memory_total=d.memory_total,
+                                         mig_parent=d.parent_uuid, mig_profile=d.mig_profile)
+                    for d in grant.devices
+                ),
+                driver_version=inventory.driver_version,
+                cuda_driver_version=inventory.cuda_driver_version,
+            )
+        resolved = await self.resolve_image(self.image)
+        if self.pin_to_digest and resolved["repo_digest"]:
+            self.image = images.parse_image(resolved["repo_digest"]).by_digest()
+        self._spawn_image = self.image
+        self._settings_hash = labels.settings_hash({
+            "image": self.image, "image_id": resolved["image_id"], "devices": self.gpu_devices,
+            "cpu_limit": self.cpu_limit, "mem_limit": self.mem_limit, "environment": environment,
+            "profile": profile.slug if profile else None, "profile_hash": profile_hash,
+        })
+        self._audit_update(docker_version=await self._docker_version(), **resolved)
+        await self._replace_kept_container_if_changed()
+        result = await super().start()
+        # It runs: its labels hold the devices from now on.
+        _hub.book.release(self.audit_record_id)
+        self._restore_configured()
         return result
+
+    async def _end_failed_spawn(self, record_id: str, error: BaseException, *, container_id: str) -> None:
+        """After a failed or interrupted spawn: remove its container, free its devices, close its record."""
+        if await self._remove_spawned_container(record_id, container_id):
+            _hub.book.release(record_id)
+        else:  # the engine could not say: keep the devices until the hub's reconciliation can
+            _hub.book.keep_unconfirmed(record_id)
+        if self.audit_record_id == record_id:  # no later spawn of this server has begun meanwhile
+            self.gpu_devices = ()
+            self._spawn_image = None
+            self._restore_configured()
+        await self._audit_finish(record_id, outcome="failed", error=_error_text(error))
+        if self.audit_record_id == record_id:
+            self._spawning = False
+
+    async def _remove_spawned_container(self, record_id: str, container_id: str) -> bool:
+        """Wait for this spawn's Docker calls to end, then remove the container it created, or stop
+        the kept one it started. True when no container of this spawn runs any more."""
+        try:
+            calls = [asyncio.wrap_future(c) for c in list(self._docker_calls)]
+            if calls:
+                await asyncio.wait(calls, timeout=max(self.start_timeout, 60))
+            obj = await self.docker("inspect_container", self.object_name)
+            if (obj["Config"].get("Labels") or {}).get(labels.RECORD) == record_id:
+                self.log.info("Removing %s, left by the failed spawn of %s", self.object_name, self._log_name)
+                await self.docker("remove_container", obj["Id"], force=True, v=True)
+            elif obj["Id"] == container_id and obj["State"].get("Running"):
+                await self.docker("stop", obj["Id"])  # a kept container (remove = False) this spawn started
+            return True
+        except docker.errors.NotFound:
+            return True
+        except Exception:
+            self.log.exception("Could not make sure the container of %s's failed spawn is gone", self._log_name)
+            return False
 
     def _configured_environment(self) -> dict[str, str]:
         env = {k: v for k, v in (self.environment or {}).items() if isinstance(v, str)}
@@ -778,11 +986,12 @@ class GPUSpawner(DockerSpawner):
             env.update(profile.environment)
         return env
 
-    async def create_object(self) -> Any:
-        obj = await super().create_object()
-        # What the engine made of the request, read while the container starts.
-        self._audit_writes.append(asyncio.ensure_future(self._record_container(obj["Id"])))
-        return obj
+    async def check_allowed(self, image: str) -> str:
+        """DockerSpawner's check of a user's ``image`` option; within a spawn, the image it resolved."""
+        if self._spawn_image is not None:
+            return self._spawn_image
+        allowed: str = await super().check_allowed(image)
+        return allowed
 
     async def _record_container(self, container_id: str) -> None:
         info = await self.docker("inspect_container", container_id)
@@ -796,19 +1005,42 @@ class GPUSpawner(DockerSpawner):
 
     async def start_object(self) -> None:
         self._progress("Starting container")
+        # What the engine made of the request (a new or a kept container), read while it starts.
+        self._audit_writes.append(_hub.keep(self._record_container(self.container_id)))
         await super().start_object()
         self._audit_update(outcome="starting", started_at=seams.now_iso())
 
+    async def poll(self) -> Any:
+        """None while the container runs; else its exit status, and its record says how it ended.
+
+        JupyterHub never calls ``stop()`` for a server whose container died (crash, OOM,
+        ``docker stop``): this is where the hub learns of it, so the record is closed here with
+        the engine's exit code and OOM flag, and a dead container is removed (``remove = True``).
+        """
+        container = await self.get_object()
+        if container is not None and container["State"].get("Running"):
+            return None
+        if self.audit_record_id and not self._spawning:
+            await self._audit_finish(self.audit_record_id, **reconcile.ended_container_changes(container))
+            if container is not None and self.remove:
+                await self.remove_object()
+                self.object_id = ""
+        if container is None:
+            return 0
+        state = container["State"]
+        return f"ExitCode={state.get('ExitCode')}, Error='{state.get('Error')}', FinishedAt={state.get('FinishedAt')}"
+
     async def stop(self, now: bool = False) -> None:
+        never_answered = bool(getattr(self, "_waiting_for_response", False))
         await super().stop(now=now)
-        _hub.book.release(self.holder)
-        if self.audit_record_id:
-            record = await self.audit_store().get(self.audit_record_id)
-            if record is not None and not record.sealed:
-                if self.pending == "spawn":  # JupyterHub stops a server that never answered
-                    await self._audit_finish(outcome="failed", error="the server did not answer in time")
-                else:
-                    await self._audit_finish(outcome="stopped")
+        if self.audit_record_id and not self._spawning:  # a failing spawn closes its own record
+            if never_answered:  # JupyterHub stops a server that did not answer within http_timeout
+                await self._audit_finish(
+                    self.audit_record_id, outcome="failed",
+                    error=f"The server did not answer within {self.http_timeout:.0f} s, so the hub stopped it.",
+                )
+            else:
+                await self._audit_finish(self.audit_record_id, outcome="stopped")
 
     # --- Progress ----------------------------------------------------------------------------
 
@@ -935,7 +1167,7 @@ def check_when_the_hub_starts() -> None:
         except settings.ConfigError as e:
             app.log.critical("Bad configuration: %s", e)
             app.exit(1)
-        asyncio.ensure_future(close_abandoned_records(hub_settings(app.config), app.log))
+        _hub.keep(maintain(app))
 
     _check_scheduled = True
     loop.call_soon(check)
@@ -954,8 +1186,7 @@ def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
     """hub_id, the audit database and the busy threshold, from the hub's configuration."""
     db_url = _hub_db_url() or "sqlite:///jupyterhub.sqlite"
     return HubSettings(
-        hub_id=hub_id or config_value(config, "hub_id", fallback="")
-        or labels.hub_id_for(hostname=socket.gethostname(), db_url=db_url),
+        hub_id=hub_id or config_value(config, "hub_id", fallback="") or stored_hub_id(db_url, create=False),
         audit_db_url=config_value(config, "audit_db_url", fallback="") or default_audit_url(db_url, cwd=os.getcwd()),
         busy_memory_threshold=settings.parse_bytes(
             config_value(config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
@@ -963,18 +1194,112 @@ def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
     )
 
 
-async def close_abandoned_records(hub: HubSettings, log: Any) -> None:
-    """At hub start: spawns that were in progress when the last hub process died are abandoned."""
-    store = _hub.audit(hub.audit_db_url)
+async def close_record(store: AsyncAuditStore, record_id: str, log: Any, **changes: Any) -> None:
+    """Give a record its final state; a sealed one is left alone, and an unreachable database
+    gets the change later (``finish_eventually``). Never raises: a user sees the refusal or the
+    stop they asked for, never a database error."""
     try:
-        open_records = await store.open_records(hub.hub_id)
-    except Exception as e:
-        log.error("Cannot read the audit records at %s: %s", hub.audit_db_url, e)
-        return
-    for record in open_records:
-        if record.outcome in ("requested", "starting"):
-            await store.finish(
-                record.id, outcome="abandoned", stopped_at=seams.now_iso(),
-                error="The hub stopped while this server was starting.",
-            )
-            log.warning("Audit record %s (%s/%s) closed as abandoned", record.id, record.user, record.server)
+        await store.finish_eventually(record_id, **changes)
+    except AuditStoreError as e:
+        log.debug("Audit record %s not closed: %s", record_id, e)
+    except Exception:
+        log.exception("Could not close audit record %s", record_id)
+
+
+class _Caretaker:
+    """The user of the spawner that does the hub's upkeep: no one."""
+
+    name = "gpuspawner-caretaker"
+    admin = False
+    groups: tuple[Any, ...] = ()
+
+
+async def maintain(app: Any) -> None:
+    """The hub's own upkeep: once the hub has started, and every ``reconcile_interval`` after,
+    check its containers and records against its servers (see :mod:`gpuspawner.reconcile`)."""
+    started = getattr(app, "_start_future", None)
+    if started is not None:
+        await started  # the servers JupyterHub resumes are known only once it has started
+    spawner_class = app.spawner_class if isinstance(app.spawner_class, type) else GPUSpawner
+    if not issubclass(spawner_class, GPUSpawner):
+        spawner_class = GPUSpawner
+    # A spawner of no server: the hub's settings, resolved as for every server, and its Docker path.
+    caretaker = spawner_class(config=app.config, hub=getattr(app, "hub", None), user=_Caretaker())
+    while True:
+        try:
+            await reconcile_once(caretaker, app.log)
+        except Exception:
+            app.log.exception("gpuspawner could not check the hub's containers against its servers")
+        if caretaker.reconcile_interval <= 0:
+            return
+        await asyncio.sleep(caretaker.reconcile_interval)
+
+
+def _server_view(spawner: GPUSpawner) -> reconcile.ServerView:
+    return reconcile.ServerView(
+        user=spawner.user.name, server=spawner.name or "", active=bool(spawner.active),
+        spawning=spawner._spawning, ready=bool(spawner.ready), container_id=spawner.object_id or "",
+        record_id=spawner.audit_record_id,
+    )
+
+
+async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
+    """One check of this hub's containers, open records and unconfirmed claims; carry out the plan."""
+    hub_id = caretaker.hub_id
+    store = caretaker.audit_store()
+    listed = await caretaker.docker("containers", all=True, filters=labels.hub_filter(hub_id))
+    containers = []
+    for c in listed:
+        identity = labels.identity_from_labels(c.get("Labels"))
+        if identity is not None and identity.hub_id == hub_id:
+            containers.append(reconcile.ContainerView(
+                id=c["Id"], name=(c.get("Names") or [c["Id"][:12]])[0].lstrip("/"), user=identity.user,
+                server=identity.server, state=c.get("State", ""), record_id=(c.get("Labels") or {}).get(labels.RECORD, ""),
+            ))
+    spawners = {key: sp for key, sp in list(_hub.spawners.items())}
+    open_records = [
+        reconcile.OpenRecord(id=r.id, user=r.user, server=r.server, outcome=r.outcome)
+        for r in await store.open_records(hub_id)
+    ]
+    todo = reconcile.plan(
+        containers, [_server_view(sp) for sp in spawners.values()], open_records,
+        unconfirmed=_hub.book.unconfirmed(), remove=caretaker.remove,
+    )
+    for c in todo.stop:
+        log.warning("Stopping orphan container %s of %s/%s: no server of this hub owns it", c.name, c.user, c.server)
+        try:
+            await caretaker.docker("stop", c.id)
+            if caretaker.remove:
+                await caretaker.docker("remove_container", c.id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        if c.record_id:
+            await close_record(store, c.record_id, log, outcome="abandoned", error=reconcile.ORPHAN_STOPPED,
+                               stopped_at=seams.now_iso())
+    for c in todo.ended:
+        try:
+            info = await caretaker.docker("inspect_container", c.id)
+        except docker.errors.NotFound:
+            info = None
+        await close_record(store, c.record_id, log, stopped_at=seams.now_iso(), **reconcile.ended_container_changes(info))
+    for c in todo.remove:
+        try:
+            await caretaker.docker("remove_container", c.id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+    for record_id, changes in todo.close:
+        log.warning("Closing audit record %s: %s", record_id, changes["error"])
+        await close_record(store, record_id, log, stopped_at=seams.now_iso(), **changes)
+    for user, server, record_id in todo.adopt:
+        adopted = spawners.get((user, server))
+        if adopted is not None and not adopted.audit_record_id:
+            adopted.audit_record_id = record_id
+    for record_id in todo.now_running:
+        try:
+            await store.update(record_id, outcome="running", ready_at=seams.now_iso())
+        except AuditStoreError as e:
+            log.debug("Audit record %s not marked running: %s", record_id, e)
+    for spawn_id in todo.release:
+        log.info("Devices of failed spawn %s released: its container is not running", spawn_id)
+        _hub.book.release(spawn_id)
+    return todo

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def start_hub(
     hubs: list[RunningHub] = []
     hub_id = "test-" + secrets.token_hex(4)
 
-    def start(*, extra: str = "", timeout: float = 60) -> RunningHub:
+    def start(*, extra: str = "", timeout: float = 60, **settings_overrides: Any) -> RunningHub:
         settings = HubSettings(
             workdir=tmp_path,
             image=singleuser_image,
@@ -102,6 +103,7 @@ def start_hub(
             token=hub_token,
             hub_id=hub_id,
             extra=extra,
+            **settings_overrides,
         )
         hub = RunningHub(settings)
         hubs.append(hub)
@@ -110,8 +112,10 @@ def start_hub(
     yield start
     for hub in hubs:
         hub.stop()
-    for c in docker_bed.containers_labelled(f"gpuspawner.hub={hub_id}"):
-        docker_bed.api.remove_container(c["Id"], force=True)
+    kept_id = tmp_path / "gpuspawner-hub-id"  # a hub not given its id makes its own
+    for label_id in {hub_id, kept_id.read_text().strip() if kept_id.exists() else hub_id}:
+        for c in docker_bed.containers_labelled(f"gpuspawner.hub={label_id}"):
+            docker_bed.api.remove_container(c["Id"], force=True)
 
 
 @pytest.fixture(scope="session")
@@ -168,3 +172,27 @@ def slow_image(docker_bed: DockerBed, registry: Registry, light_image: str) -> I
             pass
     for proxy in proxies:
         proxy.stop()
+
+
+from testbed.postgres import PostgresServer, find_bindir  # noqa: E402  (appended with its fixtures)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server (Debian's `postgresql`) on 127.0.0.1, for the whole session."""
+    bindir = find_bindir()
+    if bindir is None:
+        unavailable("PostgreSQL is not installed (Debian package postgresql; docker/host/system-deps.sh test)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("psycopg is not installed (pip install -e '.[test]', or pip install 'psycopg[binary]')")
+    server = PostgresServer.start(bindir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty PostgreSQL database for this test: its SQLAlchemy URL (postgresql+psycopg://…)."""
+    return postgres_server.create_database()

@@ -9,6 +9,7 @@ exactly as against the real driver; only the answers come from a JSON file:
     {
       "driver_version": "550.54.15", "cuda_version": 12040,
       "no_driver": false,                       # true: nvmlInit fails with DRIVER_NOT_LOADED
+      "hang": false,                            # true: every call blocks, like a hung driver
       "gpus": [{
         "uuid": "GPU-…", "name": "NVIDIA A100-SXM4-80GB",
         "memory_total": 85899345920, "memory_used": 0, "utilization": 0,
@@ -22,6 +23,11 @@ exactly as against the real driver; only the answers come from a JSON file:
 
 A GPU with a "mig" list is in MIG mode. The file is read again whenever it changes, so a
 test (or a test's hub in another process) sees GPUs get busy, freed or lost as it edits it.
+
+``"hang": true`` makes every call (nvmlInit included) block until the file no longer says so,
+as a driver stuck in the kernel does; calls look again every 50 ms. A call gives up after
+``HANG_LIMIT_SECONDS`` with NVML_ERROR_TIMEOUT, so a forgotten hang cannot stall a test run
+for ever. ``hung_calls()`` says how many calls of this process are blocked now.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import ctypes
 import json
 import os
 import threading
+import time
 from ctypes import CFUNCTYPE, POINTER, c_char, c_int, c_uint, c_void_p
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,10 @@ import pynvml
 SUCCESS = pynvml.NVML_SUCCESS
 
 _lock = threading.RLock()
+
+HANG_POLL_SECONDS = 0.05
+HANG_LIMIT_SECONDS = 120.0
+_hung = 0  # calls of this process blocked in a hang now
 
 
 class _Spec:
@@ -99,13 +110,46 @@ def _set(ptr: int | None, ctype: Any, value: Any) -> int:
     return SUCCESS
 
 
-def _guarded(prototype: Any, needs_init: bool = True) -> Any:
-    """Wrap a simulated NVML function: init check, the file's lock, C signature."""
+def hung_calls() -> int:
+    """How many simulated NVML calls of this process are blocked by ``"hang": true`` now."""
+    with _lock:
+        return _hung
+
+
+def _wait_while_hung() -> bool:
+    """Block while the spec says ``"hang": true``; False if the hang outlasted HANG_LIMIT_SECONDS.
+
+    The lock is held only to look at the spec, so other threads (and uninstall) go on.
+    """
+    global _hung
+    give_up = time.monotonic() + HANG_LIMIT_SECONDS
+    counted = False
+    try:
+        while True:
+            with _lock:
+                if _spec is None or not _spec.current().get("hang"):
+                    return True
+                if not counted:
+                    _hung, counted = _hung + 1, True
+            if time.monotonic() >= give_up:
+                return False
+            time.sleep(HANG_POLL_SECONDS)
+    finally:
+        if counted:
+            with _lock:
+                _hung -= 1
+
+
+def _guarded(prototype: Any, needs_init: bool = True, hangs: bool = True) -> Any:
+    """Wrap a simulated NVML function: the hang, init check, the file's lock, C signature."""
 
     def wrap(fn: Any) -> Any:
         def call(*args: Any) -> Any:
+            if hangs and not _wait_while_hung():
+                return pynvml.NVML_ERROR_TIMEOUT
             with _lock:
-                assert _spec is not None
+                if _spec is None:  # uninstalled while this call hung
+                    return pynvml.NVML_ERROR_UNINITIALIZED
                 if needs_init and not _spec.initialized:
                     return pynvml.NVML_ERROR_UNINITIALIZED
                 return fn(_spec, *args)
@@ -152,7 +196,7 @@ def nvmlShutdown(spec: _Spec) -> int:
     return SUCCESS
 
 
-@_guarded(CFUNCTYPE(c_void_p, c_int), needs_init=False)
+@_guarded(CFUNCTYPE(c_void_p, c_int), needs_init=False, hangs=False)  # returns a pointer, not a code
 def nvmlErrorString(spec: _Spec, code: int) -> int:
     if code not in _error_strings:
         _error_strings[code] = ctypes.create_string_buffer(f"simulated NVML error {code}".encode())

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -122,7 +128,7 @@ async def test_a_burst_of_callers_shares_one_read_off_the_event_loop() -> None:
     results = await asyncio.gather(*(inventory.get() for _ in range(50)))
     assert reader.calls == 1
     assert {r.driver_version for r in results} == {"1"}
-    assert reader.threads == {"gpuspawner-nvml_0"}
+    assert reader.threads == {"gpuspawner-nvml"}
 
 
 async def test_cache_expires_after_the_configured_seconds() -> None:
@@ -152,3 +158,130 @@ async def test_the_missing_driver_is_logged_once(caplog: pytest.LogCaptureFixtur
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "GPUs unavailable, serving CPU-only servers: no driver"
     ]
+
+
+# --- A hung driver: a bounded wait, one hung thread, recovery ------------------------------------
+
+T = TypeVar("T")
+GUARD_SECONDS = 5  # far beyond any bound below: these tests fail, never hang, on unbounded code
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    return await asyncio.wait_for(call, GUARD_SECONDS)
+
+
+class DelegatingReader:
+    """The real reader, counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> Inventory:
+        self.calls += 1
+        return nvml.read_inventory()
+
+
+@pytest.fixture
+def hung(spec: Path) -> Iterator[Path]:
+    """A host whose driver hangs; un-hung (and its hung calls ended) when the test is over."""
+    simnvml.write_spec(spec, [simnvml.gpu(0)], hang=True)
+    yield spec
+    unhang(spec)
+    deadline = time.monotonic() + GUARD_SECONDS
+    while simnvml.hung_calls() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def unhang(spec: Path) -> None:
+    simnvml.write_spec(spec, [simnvml.gpu(0)])
+
+
+async def until_it_answers(inventory: nvml.NVMLInventory) -> Inventory:
+    while True:
+        try:
+            return await inventory.get()
+        except nvml.NVMLTimeout:
+            await asyncio.sleep(0.02)
+
+
+def nvml_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gpuspawner-nvml")]
+
+
+async def test_a_hung_read_times_out_within_the_bound_with_a_sentence(hung: Path) -> None:
+    inventory = nvml.NVMLInventory(cache_seconds=60, timeout=0.25)
+    started = time.monotonic()
+    with pytest.raises(nvml.NVMLTimeout) as raised:
+        await guarded(inventory.get())
+    assert 0.25 <= time.monotonic() - started < 1.5
+    assert str(raised.value) == (
+        "NVML did not answer within 0.25 s (the driver may be hung); GPU servers cannot start until it does."
+    )
+
+
+async def test_callers_during_a_hang_share_the_one_hung_read(hung: Path) -> None:
+    reader = DelegatingReader()
+    inventory = nvml.NVMLInventory(cache_seconds=60, timeout=0.25, reader=reader)
+    results = await guarded(asyncio.gather(*(inventory.get() for _ in range(20)), return_exceptions=True))
+    assert all(isinstance(r, nvml.NVMLTimeout) for r in results)
+    started = time.monotonic()
+    with pytest.raises(nvml.NVMLTimeout):  # asked while the hung read is still out: no new wait
+        await guarded(inventory.get())
+    assert time.monotonic() - started < 0.2  # a fresh wait would take the whole 0.25 s
+    assert (reader.calls, simnvml.hung_calls(), len(nvml_threads())) == (1, 1, 1)
+
+
+async def test_once_nvml_answers_again_get_returns_the_inventory_and_caches_it(hung: Path) -> None:
+    reader = DelegatingReader()
+    inventory = nvml.NVMLInventory(cache_seconds=60, timeout=0.25, reader=reader)
+    with pytest.raises(nvml.NVMLTimeout):
+        await guarded(inventory.get())
+    unhang(hung)
+    answer = await guarded(until_it_answers(inventory))
+    assert [d.uuid for d in answer.devices] == [simnvml.gpu(0)["uuid"]]
+    assert (await guarded(inventory.get())) is answer
+    assert reader.calls == 1  # the hung read's answer filled the cache
+
+
+async def test_a_hang_is_logged_once_and_the_recovery_once(hung: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger=nvml.__name__)
+    inventory = nvml.NVMLInventory(cache_seconds=0, timeout=0.2)
+    for _ in range(3):
+        with pytest.raises(nvml.NVMLTimeout):
+            await guarded(inventory.get())
+    unhang(hung)
+    await guarded(until_it_answers(inventory))
+    await guarded(inventory.get())
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == nvml.__name__]
+    assert logged[0] == (
+        "WARNING",
+        "NVML has not answered for 0.2 s (the driver may be hung): GPU servers cannot start until it does; "
+        "CPU-only servers still start.",
+    )
+    assert [level for level, _ in logged] == ["WARNING", "INFO"]
+    assert logged[1][1].startswith("NVML answers again after ") and logged[1][1].endswith(" s: 1 devices")
+
+
+def test_a_hung_driver_does_not_keep_the_hub_from_exiting(tmp_path: Path) -> None:
+    script = tmp_path / "hub.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio
+        import simnvml
+        from gpuspawner import nvml
+
+        simnvml.install(simnvml.write_spec({str(tmp_path / "gpus.json")!r}, [simnvml.gpu(0)], hang=True))
+
+        async def main():
+            try:
+                await asyncio.wait_for(nvml.NVMLInventory(cache_seconds=2, timeout=0.2).get(), 2)
+            except nvml.NVMLTimeout:
+                print("timed out")
+
+        asyncio.run(main())
+    """))
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent)]))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (0, "timed out\n"), done.stderr
+    assert time.monotonic() - started < 15

@@ -1,28 +1,113 @@
-"""The audit database: records written, updated, sealed once, streamed back, and checked."""
+"""The audit database: records written, updated, sealed once, streamed back, and checked.
+
+Every test that takes ``store_url`` runs twice: against SQLite and against a real PostgreSQL
+server (the ``postgres_url`` fixture: Debian's ``postgresql``, started by the test bed).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import psycopg
+import psycopg.errors
 import pytest
+import sqlalchemy as sa
 
 from gpuspawner.audit import AuditRecord
-from gpuspawner.store import AsyncAuditStore, AuditStore, AuditStoreError, Filters, default_audit_url
+from gpuspawner.store import (
+    AsyncAuditStore,
+    AuditRecordSealed,
+    AuditStore,
+    AuditStoreError,
+    AuditStoreUnavailable,
+    Filters,
+    RetryPolicy,
+    default_audit_url,
+    is_transient,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small budgets so a lock "held too long" costs a test well under a second.
+SHORT = RetryPolicy(tries=3, first_delay=0.05, max_delay=0.1, budget=0.4)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> AuditStore:
-    return AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+def store(store_url: str) -> Iterator[AuditStore]:
+    store = AuditStore(store_url)
+    yield store
+    store.dispose()
 
 
-def new(store: AuditStore, n: int, **kw: object) -> AuditRecord:
-    fields: dict = dict(id=f"r{n:03d}", hub_id="hub-1", user="ada", server="", requested_at=f"2026-11-{n % 28 + 1:02d}T10:00:00+00:00")
+def record(n: int, **kw: Any) -> AuditRecord:
+    fields: dict[str, Any] = dict(
+        id=f"r{n:03d}", hub_id="hub-1", user="ada", server="", requested_at=f"2026-11-{n % 28 + 1:02d}T10:00:00+00:00"
+    )
     fields.update(kw)
-    record = AuditRecord(**fields)
-    store.insert(record)
-    return record
+    return AuditRecord(**fields)
+
+
+def new(store: AuditStore, n: int, **kw: Any) -> AuditRecord:
+    rec = record(n, **kw)
+    store.insert(rec)
+    return rec
+
+
+class WriteLock:
+    """Another program holding the audit table against writers (readers go on), until released.
+
+    SQLite: an open ``BEGIN EXCLUSIVE``. PostgreSQL: ``LOCK TABLE … IN EXCLUSIVE MODE``.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.conn: Any
+        if url.startswith("sqlite"):
+            self.conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+            self.conn.execute("BEGIN EXCLUSIVE")
+        else:
+            self.conn = psycopg.connect(sa.make_url(url).set(drivername="postgresql").render_as_string(False))
+            self.conn.execute("LOCK TABLE gpuspawner_audit IN EXCLUSIVE MODE")
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+    def release_after(self, seconds: float) -> threading.Timer:
+        timer = threading.Timer(seconds, self.release)
+        timer.start()
+        return timer
+
+
+@contextmanager
+def write_lock(url: str) -> Iterator[WriteLock]:
+    lock = WriteLock(url)
+    try:
+        yield lock
+    finally:
+        try:
+            lock.release()
+        except Exception:
+            pass  # released already
+
+
+# --- Records, seals, exports -------------------------------------------------------------
 
 
 def test_a_record_is_updated_then_sealed_once(store: AuditStore) -> None:
@@ -31,7 +116,7 @@ def test_a_record_is_updated_then_sealed_once(store: AuditStore) -> None:
     sealed = store.finish("r001", outcome="stopped", stopped_at="2026-11-21T12:00:00+00:00")
     assert (sealed.seq, sealed.outcome, sealed.image_id) == (1, "stopped", "sha256:abc")
     assert store.get("r001") == sealed
-    with pytest.raises(AuditStoreError, match="audit record r001 is sealed and cannot change"):
+    with pytest.raises(AuditRecordSealed, match="audit record r001 is sealed and cannot change"):
         store.update("r001", user="mallory")
     with pytest.raises(AuditStoreError, match="sealed"):
         store.finish("r001", outcome="failed")
@@ -66,30 +151,33 @@ def test_export_filters_and_streams_past_one_batch(store: AuditStore) -> None:
     assert [r.id for r in window] == ["r004", "r005", "r006"]
 
 
-def test_queued_updates_land_in_order_before_anything_submitted_after_them(tmp_path: Path) -> None:
+def test_queued_updates_land_in_order_before_anything_submitted_after_them(store_url: str) -> None:
     async def spawn_like() -> tuple[AuditRecord, list[object]]:
-        store = AsyncAuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}")
-        await store.insert(AuditRecord(id="r001", hub_id="hub-1", user="ada", server="", requested_at="2026-11-21T10:00:00+00:00"))
+        store = AsyncAuditStore(store_url)
+        await store.insert(record(1))
         queued = [
             store.update_soon("r001", outcome="starting", image_id="sha256:one"),
             store.update_soon("r001", image_id="sha256:two", container_id="c1"),
             store.update_soon("r002", outcome="running"),  # no such record: fails alone
         ]
         sealed = await store.finish("r001", outcome="stopped")
-        return sealed, await asyncio.gather(*queued, return_exceptions=True)
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        await store.close()
+        return sealed, results
 
     sealed, results = asyncio.run(spawn_like())
     assert (sealed.outcome, sealed.image_id, sealed.container_id, sealed.seq) == ("stopped", "sha256:two", "c1", 1)
     assert isinstance(results[2], AuditStoreError) and "no audit record r002" in str(results[2])
 
 
-def test_changing_one_field_in_the_database_is_caught_by_verify(store: AuditStore, tmp_path: Path) -> None:
+def test_changing_one_field_in_the_database_is_caught_by_verify(store: AuditStore) -> None:
     for n in range(1, 6):
         new(store, n)
         store.finish(f"r{n:03d}", outcome="stopped", image_id="sha256:" + "a" * 64)
-    with sqlite3.connect(tmp_path / "audit.sqlite") as db:
-        (data,) = db.execute("SELECT data FROM gpuspawner_audit WHERE id = 'r004'").fetchone()
-        db.execute("UPDATE gpuspawner_audit SET data = ? WHERE id = 'r004'", (data.replace("a" * 64, "b" * 64),))
+    t = sa.table("gpuspawner_audit", sa.column("id"), sa.column("data"))
+    with store.engine.begin() as conn:
+        data = conn.execute(sa.select(t.c.data).where(t.c.id == "r004")).scalar_one()
+        conn.execute(t.update().where(t.c.id == "r004").values(data=data.replace("a" * 64, "b" * 64)))
     result = store.verify()
     assert (result.ok, result.first_bad, result.checked) == (False, "r004", 3)
 
@@ -104,3 +192,237 @@ def test_changing_one_field_in_the_database_is_caught_by_verify(store: AuditStor
 )
 def test_default_store_sits_beside_the_hub_database(hub_db: str, expected: str) -> None:
     assert default_audit_url(hub_db, cwd="/cwd") == expected
+
+
+# --- Concurrent writers ------------------------------------------------------------------
+
+SEALER = textwrap.dedent(
+    """
+    import sys, threading, time
+    from pathlib import Path
+    from gpuspawner.store import AuditStore
+
+    url, go, ids = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
+    store = AuditStore(url)
+    failures = []
+
+    def seal(mine):
+        for rid in mine:
+            try:
+                store.finish(rid, outcome="stopped")
+            except Exception as e:
+                failures.append(f"{rid}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=seal, args=(ids[i::4],)) for i in range(4)]
+    while not go.exists():  # both processes start sealing at the same moment
+        time.sleep(0.005)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("\\n".join(failures))
+    sys.exit(1 if failures else 0)
+    """
+)
+
+
+def test_two_processes_of_four_threads_each_seal_every_record_once_without_gaps(store: AuditStore, tmp_path: Path) -> None:
+    ids = [new(store, n).id for n in range(1, 241)]
+    go = tmp_path / "go"
+    sealers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SEALER, store.url, str(go), ",".join(ids[half::2])],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for half in (0, 1)
+    ]
+    time.sleep(0.5)  # both imported and connected, waiting for the word
+    go.touch()
+    outputs = [p.communicate(timeout=120)[0] for p in sealers]
+    assert [p.returncode for p in sealers] == [0, 0], outputs
+    sealed = list(store.iter_sealed())
+    assert sorted(e.seq or 0 for e in sealed) == list(range(1, 241))
+    assert sorted(e.id for e in sealed) == ids
+    assert store.verify().ok
+
+
+def test_threads_sealing_through_one_store_take_turns(store: AuditStore) -> None:
+    ids = [new(store, n).id for n in range(1, 61)]
+    threads = [threading.Thread(target=lambda mine=ids[i::6]: [store.finish(r, outcome="stopped") for r in mine]) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [e.seq for e in store.iter_sealed()] == list(range(1, 61))
+    assert store.verify().ok
+
+
+# --- A locked or busy database -----------------------------------------------------------
+
+
+def test_finish_waits_for_a_lock_held_for_a_second_then_seals(store_url: str) -> None:
+    store = AuditStore(store_url, lock_wait=0.2)
+    new(store, 1)
+    with write_lock(store_url) as lock:
+        lock.release_after(1.0)
+        started = time.monotonic()
+        sealed = store.finish("r001", outcome="stopped")
+    assert time.monotonic() - started >= 0.9
+    assert (sealed.seq, store.verify().ok) == (1, True)
+
+
+def test_a_lock_held_past_the_retries_is_a_sentence_not_a_driver_error(store_url: str) -> None:
+    store = AuditStore(store_url, retry=SHORT, lock_wait=0.1)
+    new(store, 1)
+    with write_lock(store_url), pytest.raises(AuditStoreUnavailable) as caught:
+        store.finish("r001", outcome="stopped")
+    assert caught.value.transient
+    assert str(caught.value).startswith("The audit database at ")
+    assert "did not answer while trying to seal audit record r001" in str(caught.value)
+    assert "3 tries" in str(caught.value)
+    assert store.get("r001") is not None and not store.get("r001").sealed  # type: ignore[union-attr]
+
+
+def run_async_store(url: str, scenario: Any) -> Any:
+    async def main() -> Any:
+        store = AsyncAuditStore(url, retry=SHORT, lock_wait=0.1, retry_later=(0.2, 0.4))
+        try:
+            return await scenario(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+async def wait_until(predicate: Any, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_a_final_write_the_database_refuses_is_kept_and_sealed_in_the_background(store_url: str) -> None:
+    async def scenario(store: AsyncAuditStore) -> tuple[Any, ...]:
+        await store.insert(record(1))
+        with write_lock(store_url):
+            returned = await store.finish_eventually("r001", outcome="stopped", error="Quota exceeded.")
+            waiting = store.pending_finishes()
+            while_locked = await store.get("r001")
+        await wait_until(lambda: store.pending_finishes() == 0, timeout=3)
+        return returned, waiting, while_locked, await store.get("r001")
+
+    returned, waiting, while_locked, after = run_async_store(store_url, scenario)
+    assert (returned, waiting, while_locked.sealed) == (None, 1, False)
+    assert (after.sealed, after.seq, after.outcome, after.error) == (True, 1, "stopped", "Quota exceeded.")
+
+
+def test_flush_pending_seals_the_kept_final_writes_now(store_url: str) -> None:
+    async def scenario(store: AsyncAuditStore) -> tuple[int, int, bool]:
+        for n in (1, 2):
+            await store.insert(record(n))
+        with write_lock(store_url):
+            for rid in ("r001", "r002"):
+                await store.finish_eventually(rid, outcome="stopped")
+        waiting = store.pending_finishes()
+        left = await store.flush_pending(timeout=2)
+        return waiting, left, all(r is not None and r.sealed for r in [await store.get("r001"), await store.get("r002")])
+
+    assert run_async_store(store_url, scenario) == (2, 0, True)
+
+
+def test_a_kept_final_write_for_a_record_sealed_meanwhile_is_dropped(store_url: str) -> None:
+    async def scenario(store: AsyncAuditStore) -> tuple[int, str | None]:
+        await store.insert(record(1))
+        with write_lock(store_url):
+            await store.finish_eventually("r001", outcome="stopped")
+        AuditStore(store_url).finish("r001", outcome="failed")  # another hub process got there first
+        left = await store.flush_pending(timeout=2)
+        sealed = await store.get("r001")
+        return left, sealed.outcome if sealed else None
+
+    assert run_async_store(store_url, scenario) == (0, "failed")
+
+
+def test_an_update_the_database_refused_goes_with_the_seal(store_url: str) -> None:
+    async def scenario(store: AsyncAuditStore) -> tuple[BaseException | None, AuditRecord]:
+        await store.insert(record(1))
+        with write_lock(store_url):
+            failed = (await asyncio.gather(store.update_soon("r001", container_id="c1"), return_exceptions=True))[0]
+        sealed = await store.finish("r001", outcome="stopped")
+        return failed if isinstance(failed, BaseException) else None, sealed
+
+    failed, sealed = run_async_store(store_url, scenario)
+    assert isinstance(failed, AuditStoreUnavailable)
+    assert (sealed.container_id, sealed.outcome) == ("c1", "stopped")
+
+
+# --- Which database errors are worth another try -----------------------------------------
+
+
+def sqlite_error(kind: type[sa.exc.DBAPIError], message: str) -> sa.exc.DBAPIError:
+    orig = (sqlite3.IntegrityError if kind is sa.exc.IntegrityError else sqlite3.OperationalError)(message)
+    return kind("UPDATE gpuspawner_audit …", {}, orig)
+
+
+def pg_error(kind: type[sa.exc.DBAPIError], orig: Exception) -> sa.exc.DBAPIError:
+    return kind("UPDATE gpuspawner_audit …", {}, orig)
+
+
+def lost_connection() -> sa.exc.DBAPIError:
+    return sa.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("server closed the connection"), connection_invalidated=True)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        pytest.param(sqlite_error(sa.exc.OperationalError, "database is locked"), True, id="sqlite-locked"),
+        pytest.param(sqlite_error(sa.exc.OperationalError, "database is busy"), True, id="sqlite-busy"),
+        pytest.param(sqlite_error(sa.exc.OperationalError, "database table is locked"), True, id="sqlite-table-locked"),
+        pytest.param(sqlite_error(sa.exc.IntegrityError, "UNIQUE constraint failed: gpuspawner_audit.seq"), True, id="sqlite-seq-taken"),
+        pytest.param(sqlite_error(sa.exc.IntegrityError, "UNIQUE constraint failed: gpuspawner_audit.id"), False, id="sqlite-duplicate-id"),
+        pytest.param(sqlite_error(sa.exc.OperationalError, "disk I/O error"), False, id="sqlite-disk-error"),
+        pytest.param(sqlite_error(sa.exc.OperationalError, "attempt to write a readonly database"), False, id="sqlite-read-only"),
+        pytest.param(sqlite_error(sa.exc.OperationalError, "no such table: gpuspawner_audit"), False, id="sqlite-no-table"),
+        pytest.param(pg_error(sa.exc.OperationalError, psycopg.errors.SerializationFailure("could not serialize")), True, id="pg-serialization"),
+        pytest.param(pg_error(sa.exc.OperationalError, psycopg.errors.DeadlockDetected("deadlock detected")), True, id="pg-deadlock"),
+        pytest.param(pg_error(sa.exc.OperationalError, psycopg.errors.LockNotAvailable("lock timeout")), True, id="pg-lock-timeout"),
+        pytest.param(pg_error(sa.exc.OperationalError, psycopg.errors.AdminShutdown("terminating")), True, id="pg-server-restarting"),
+        pytest.param(pg_error(sa.exc.OperationalError, psycopg.OperationalError("connection refused")), True, id="pg-connection-refused"),
+        pytest.param(lost_connection(), True, id="connection-lost"),
+        pytest.param(
+            pg_error(sa.exc.IntegrityError, psycopg.errors.UniqueViolation('duplicate key value violates unique constraint "gpuspawner_audit_seq_key"')),
+            True, id="pg-seq-taken",
+        ),
+        pytest.param(
+            pg_error(sa.exc.IntegrityError, psycopg.errors.UniqueViolation('duplicate key value violates unique constraint "gpuspawner_audit_pkey"')),
+            False, id="pg-duplicate-id",
+        ),
+        pytest.param(pg_error(sa.exc.OperationalError, psycopg.errors.DiskFull("could not extend file")), False, id="pg-disk-full"),
+        pytest.param(pg_error(sa.exc.ProgrammingError, psycopg.errors.UndefinedTable("no such relation")), False, id="pg-no-table"),
+        pytest.param(sa.exc.TimeoutError("QueuePool limit reached"), True, id="pool-timeout"),
+        pytest.param(ValueError("not a database error"), False, id="not-a-database-error"),
+    ],
+)
+def test_database_errors_are_sorted_into_transient_and_fatal(error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient
+
+
+@pytest.mark.parametrize(
+    ("policy", "delays"),
+    [
+        pytest.param(RetryPolicy(), [0.05, 0.1, 0.2, 0.4, 0.8], id="default"),
+        pytest.param(RetryPolicy(tries=4, first_delay=0.5, max_delay=0.75), [0.5, 0.75, 0.75], id="capped"),
+        pytest.param(RetryPolicy(tries=1), [], id="once"),
+    ],
+)
+def test_tries_back_off_doubling_up_to_a_cap(policy: RetryPolicy, delays: list[float]) -> None:
+    assert list(policy.delays()) == delays
+
+
+def test_a_fatal_database_error_is_not_retried_and_reads_as_a_sentence(tmp_path: Path) -> None:
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    new(store, 1)
+    started = time.monotonic()
+    with pytest.raises(AuditStoreUnavailable, match=r"^The audit database at .* refused to write audit record r001: UNIQUE") as caught:
+        store.insert(record(1))
+    assert not caught.value.transient and time.monotonic() - started < 0.5

@@ -3,8 +3,9 @@
 #
 #   docker/host/system-deps.sh run     for `make run`: a Docker engine, debootstrap, Node.js + npm
 #   docker/host/system-deps.sh test    for `make test`: the same, plus docker-registry, Chromium
-#                                      with its driver (the browser test) and docker-compose
-#                                      (validating docker/docker-compose.yml)
+#                                      with its driver (the browser test), docker-compose
+#                                      (validating docker/docker-compose.yml) and PostgreSQL (the
+#                                      audit store's tests start a throwaway server of their own)
 #
 # As root on Debian/Ubuntu, missing packages are installed with apt-get; otherwise the script
 # names what to install and fails. Packages already present are left alone.
@@ -21,6 +22,10 @@ missing=()
 for cmd in "${commands[@]}"; do
     command -v "$cmd" >/dev/null || PATH="$PATH:/usr/sbin" command -v "$cmd" >/dev/null || missing+=("${package_of[$cmd]}")
 done
+# Debian keeps the server's programs off PATH, in /usr/lib/postgresql/<version>/bin.
+if [ "${1:-}" = test ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null; then
+    missing+=(postgresql)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

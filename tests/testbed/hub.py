@@ -35,6 +35,8 @@ class HubSettings:
     extra: str = ""
     spawner_class: str = "gpu"  # "docker" for DockerSpawner itself (benchmarks compare the two)
     debug: bool = True  # the benchmarks log less, so logging costs neither spawner time
+    configure_hub_id: bool = True  # False: the hub makes and keeps its own (gpuspawner-hub-id)
+    hostname: str | None = None  # run the hub in a UTS namespace of its own with this host name
     proxy_port: int = field(default_factory=free_port)
     hub_port: int = field(default_factory=free_port)
     proxy_api_port: int = field(default_factory=free_port)
@@ -82,7 +84,7 @@ c.Spawner.http_timeout = 60
 c.DockerSpawner.image = {s.image!r}
 c.DockerSpawner.remove = True
 c.DockerSpawner.prefix = {'t-' + s.hub_id!r}
-c.GPUSpawner.hub_id = {s.hub_id!r}
+{f"c.GPUSpawner.hub_id = {s.hub_id!r}" if s.configure_hub_id else ""}
 {s.extra}
 """
         )
@@ -90,8 +92,11 @@ c.GPUSpawner.hub_id = {s.hub_id!r}
     def start(self, *, timeout: float = 60) -> RunningHub:
         env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         log = open(self.log_file, "ab")
+        command = [str(BIN / "jupyterhub"), "-f", str(self.config_file), *(["--debug"] if self.settings.debug else [])]
+        if self.settings.hostname:  # as a hub whose container was recreated: same data, another host name
+            command = ["unshare", "--uts", "sh", "-c", f'hostname {self.settings.hostname} && exec "$@"', "hub", *command]
         self.process = subprocess.Popen(
-            [str(BIN / "jupyterhub"), "-f", str(self.config_file), *(["--debug"] if self.settings.debug else [])],
+            command,
             cwd=self.settings.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,

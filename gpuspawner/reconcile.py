@@ -1,0 +1,161 @@
+"""What the hub does about containers and records that no server accounts for: the plan.
+
+The hub checks its containers against its servers when it has started and every
+``reconcile_interval`` seconds after. A container of this hub that no active server of the hub
+owns is an *orphan* (a hub that died mid-spawn, a spawn interrupted while ``docker start``
+ran): a running one is stopped and its devices freed; a dead one has its record closed with
+the engine's exit code. An open audit record whose server and container are both gone is
+closed with the reason. A pending claim kept by a failed spawn that could not make sure its
+container was gone is dropped once the engine shows that container is not running.
+
+Pure code: no docker, pynvml, jupyterhub or database imports. The spawner module feeds it
+what the engine, the hub and the audit store say, and carries out the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .allocation import Holder
+
+# Docker container states in which a container may hold devices or may start to.
+LIVE_STATES = frozenset({"running", "restarting", "paused"})
+
+ABANDONED_WHILE_STARTING = "The hub stopped while this server was starting."
+ORPHAN_STOPPED = (
+    "Its container ran on with no server of the hub to own it (the hub stopped while it was "
+    "starting, or the spawn was interrupted); the hub stopped it."
+)
+GONE_UNSEEN = "Its container was gone when the hub looked for it: it ended while the hub was not watching."
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    """One of this hub's containers, as the engine lists it."""
+
+    id: str
+    name: str
+    user: str
+    server: str
+    state: str  # Docker's: created, running, paused, restarting, exited, dead, removing
+    record_id: str = ""  # label gpuspawner.record
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One server as this hub process knows it."""
+
+    user: str
+    server: str
+    active: bool  # starting, running or stopping
+    spawning: bool  # inside start(), its record not yet closed
+    ready: bool
+    container_id: str = ""
+    record_id: str = ""
+
+
+@dataclass(frozen=True)
+class OpenRecord:
+    id: str
+    user: str
+    server: str
+    outcome: str
+
+
+@dataclass
+class Plan:
+    """What to do, each list in the order to do it."""
+
+    stop: list[ContainerView] = field(default_factory=list)  # running orphans: stop, free, record "abandoned"
+    ended: list[ContainerView] = field(default_factory=list)  # dead, unowned, its record open: record "died"
+    remove: list[ContainerView] = field(default_factory=list)  # unowned debris to remove (remove = True)
+    close: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # record id, final changes
+    now_running: list[str] = field(default_factory=list)  # records of ready servers still "starting"
+    adopt: list[tuple[str, str, str]] = field(default_factory=list)  # user, server, record id to note
+    release: list[str] = field(default_factory=list)  # spawn ids whose unconfirmed claims to drop
+
+
+def plan(
+    containers: Iterable[ContainerView],
+    servers: Iterable[ServerView],
+    open_records: Iterable[OpenRecord],
+    *,
+    unconfirmed: Iterable[tuple[str, Holder]] = (),
+    remove: bool = True,
+) -> Plan:
+    """Decide what to do about unowned containers, unaccounted records and unconfirmed claims.
+
+    A container is owned by the active server of its user and name, unless that server is known
+    to run another container. A spawn in progress owns any container of its server: it may have
+    just created it. With ``remove = False`` dead containers are kept (DockerSpawner reuses them).
+    """
+    containers = list(containers)
+    open_records = list(open_records)
+    open_ids = {r.id for r in open_records}
+    by_key: dict[tuple[str, str], ServerView] = {(s.user, s.server): s for s in servers if s.active}
+    by_record = {s.record_id: s for s in by_key.values() if s.record_id}
+    result = Plan()
+    owned_records: set[str] = set()
+    handled_records: set[str] = set()
+
+    for c in containers:
+        owner = by_key.get((c.user, c.server))
+        if owner is not None and (owner.spawning or owner.container_id in ("", c.id)):
+            if c.record_id:
+                owned_records.add(c.record_id)
+                if not owner.record_id and not owner.spawning:
+                    result.adopt.append((c.user, c.server, c.record_id))
+            continue
+        if c.state in LIVE_STATES:
+            result.stop.append(c)
+            handled_records.add(c.record_id)
+        else:
+            if c.record_id in open_ids:
+                result.ended.append(c)
+                handled_records.add(c.record_id)
+            if remove:
+                result.remove.append(c)
+
+    adopted = {record_id: (user, server) for user, server, record_id in result.adopt}
+    for r in open_records:
+        server = by_record.get(r.id)
+        if server is None and r.id in adopted:
+            server = by_key.get(adopted[r.id])
+        if server is not None:
+            if server.ready and r.outcome in ("requested", "starting"):
+                result.now_running.append(r.id)
+            continue
+        if r.id in owned_records or r.id in handled_records:
+            continue
+        if r.outcome in ("requested", "starting"):
+            result.close.append((r.id, {"outcome": "abandoned", "error": ABANDONED_WHILE_STARTING}))
+        else:
+            result.close.append((r.id, {"outcome": "died", "error": GONE_UNSEEN}))
+
+    live = {(c.user, c.server) for c in containers if c.state in LIVE_STATES or c.state == "created"}
+    spawning = {k for k, s in by_key.items() if s.spawning}
+    for spawn_id, holder in unconfirmed:
+        key = (holder.user, holder.server)
+        if key not in live and key not in spawning:
+            result.release.append(spawn_id)
+    return result
+
+
+def ended_container_changes(container: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The record's final changes for a server whose container ended on its own, from its inspection."""
+    if container is None:
+        return {"outcome": "died", "error": "Its container was removed outside the hub."}
+    state = container.get("State") or {}
+    code = state.get("ExitCode")
+    oom = bool(state.get("OOMKilled"))
+    if oom:
+        error = f"Its container ran out of memory and was killed (OOM), exit code {code}."
+    elif code == 0:
+        error = "Its container ended by itself (exit code 0)."
+    else:
+        error = f"Its container ended by itself or was stopped outside the hub, exit code {code}."
+    if state.get("Error"):
+        error += f" The engine said: {state['Error']}"
+    return {"outcome": "died", "error": error, "exit_code": code, "oom_killed": oom}
