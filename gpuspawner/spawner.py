@@ -862,8 +862,13 @@ class GPUSpawner(DockerSpawner):
         # Set before the insert, so the hub's reconciliation never takes the new record for a lost one.
         self.audit_record_id = record.id
         self._spawning = True
+        inserting = _hub.keep(self.audit_store().insert(record))
         try:
-            await self.audit_store().insert(record)
+            await asyncio.shield(inserting)
+        except asyncio.CancelledError as e:  # interrupted while the record is written: close it once it is
+            self._spawning = False
+            _hub.keep(self._close_after_insert(inserting, record.id, e))
+            raise
         except Exception as e:
             self._spawning = False
             self.audit_record_id = ""
@@ -883,6 +888,13 @@ class GPUSpawner(DockerSpawner):
         self._spawning = False
         _hub.keep(self._watch_until_ready(record.id))
         return result
+
+    async def _close_after_insert(self, inserting: asyncio.Future[Any], record_id: str, error: BaseException) -> None:
+        try:
+            await inserting
+        except Exception:
+            return  # never written: nothing to close
+        await self._audit_finish(record_id, outcome="failed", error=_error_text(error))
 
     async def _start_recorded(self) -> Any:
         configured = await self.resolved_profiles()

@@ -215,31 +215,27 @@ c.DockerSpawner.cmd = ["sh", "-c", 'sleep 8; exec jupyterhub-singleuser "$@"', "
     assert sealed_record(hub, "ada").outcome == "stopped"
 
 
-def test_a_container_left_by_a_killed_hub_is_stopped_as_an_orphan(
-    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
+def test_a_container_of_this_hub_that_no_server_owns_is_stopped_as_an_orphan(
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path, light_image: str
 ) -> None:
     spec = simnvml.write_spec(tmp_path / "gpus.json", [simnvml.gpu(0)])
-    extra = sim_config(spec, """
-c.GPUSpawner.gpu_request = 1
-c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
-c.GPUSpawner.reconcile_interval = 2
-c.Spawner.environment = {"GPUSPAWNER_TESTBED_HOOK_SLEEP": "6"}
-""")
-    hub = start_hub(extra=extra)
-    seen_before = set((TESTBED_DIR / "hook-records").glob("*.starting"))
-    assert hub.spawn("ada").status_code == 202
-    wait_for(lambda: set((TESTBED_DIR / "hook-records").glob("*.starting")) - seen_before, timeout=60,
-             what="ada's container to be starting")
-    hub.kill()  # mid-`docker start`: JupyterHub never learns of this container
-    (orphan,) = hub_containers(docker_bed, hub.settings.hub_id, "ada")
-    hub.start()
-    record = sealed_record(hub, "ada", timeout=60)
-    assert record.outcome == "abandoned", record
+    gpu0 = simnvml.gpu(0)["uuid"]
+    hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1\nc.GPUSpawner.reconcile_interval = 2\n"))
+    # what a hub that died between `docker start` and storing the server leaves: a labelled
+    # container on the GPU that the hub's database knows nothing of
+    orphan = docker_bed.api.create_container(
+        light_image, labels={"gpuspawner.hub": hub.settings.hub_id, "gpuspawner.user": "ada",
+                             "gpuspawner.server": "", "gpuspawner.devices": gpu0, "gpuspawner.record": ""},
+        host_config=docker_bed.api.create_host_config(
+            device_requests=[{"Driver": "nvidia", "DeviceIDs": [gpu0], "Capabilities": [["gpu"]]}]),
+    )
+    docker_bed.api.start(orphan["Id"])
     wait_for(lambda: not hub_containers(docker_bed, hub.settings.hub_id, "ada"), timeout=30,
-             what="the orphan to be removed")
-    assert hub.server_model("ada") is None
+             what="the orphan to be stopped and removed")
+    assert "Stopping orphan container" in hub.log_tail(200)
     assert hub.spawn("bob").status_code in (201, 202)  # its GPU is free again
-    del orphan
+    hub.wait_ready("bob")
+    assert docker_bed.hook_record(container_of(docker_bed, hub, "bob")["Id"])["devices"] == [gpu0]
 
 
 # --- 4. a locked audit database ----------------------------------------------------------
