@@ -187,12 +187,12 @@ def _record(args: argparse.Namespace) -> Any:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from . import audit
+    from . import export
     from .store import Filters
 
     store = _store(args)
     records = store.iter_records(Filters(since=args.since, until=args.until, user=args.user, profile=args.profile))
-    chunks = {"csv": audit.csv_lines, "jsonl": audit.jsonl_lines, "ro-crate": audit.ro_crate_chunks}[args.format](records)
+    chunks = {"csv": export.csv_lines, "jsonl": export.jsonl_lines, "ro-crate": export.ro_crate_chunks}[args.format](records)
     target = args.output
     if args.format == "ro-crate" and target and Path(target).is_dir():
         target = str(Path(target) / "ro-crate-metadata.json")
@@ -220,7 +220,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .audit import reproduce_command
+    from .export import reproduce_command
 
     print(reproduce_command(_record(args)))
     return 0

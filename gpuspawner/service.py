@@ -29,7 +29,7 @@ from tornado import web
 from tornado.escape import xhtml_escape
 from tornado.ioloop import IOLoop
 
-from . import audit
+from . import audit, export
 from .store import AuditStore, Filters
 
 SCOPE = "custom:gpuspawner-audit:read"
@@ -107,10 +107,10 @@ class ExportHandler(_Base):
         records = self.store.iter_records(self.filters())
         if fmt == "csv":
             self.set_header("Content-Type", "text/csv; charset=utf-8")
-            chunks = audit.csv_lines(records)
+            chunks = export.csv_lines(records)
         else:
             self.set_header("Content-Type", "application/x-ndjson; charset=utf-8")
-            chunks = audit.jsonl_lines(records)
+            chunks = export.jsonl_lines(records)
         self.set_header("Content-Disposition", f'attachment; filename="gpuspawner-audit.{fmt}"')
         await self.stream(chunks)
 

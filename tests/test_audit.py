@@ -9,10 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from gpuspawner.audit import (
-    GENESIS, AuditRecord, RecordedDevice, csv_lines, jsonl_lines, reproduce_command, ro_crate_chunks,
-    seal, verify_chain, without_secrets,
-)
+from gpuspawner.audit import GENESIS, AuditRecord, RecordedDevice, seal, verify_chain, without_secrets
+from gpuspawner.export import csv_lines, jsonl_lines, reproduce_command, ro_crate_chunks
 
 DIGEST = "sha256:" + "c" * 64
 
