@@ -11,9 +11,13 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
 	@image=$$(PYTHON=$(PY) docker/singleuser/build.sh gpuspawner/singleuser jupyterlab) && \
-	data=$${GPUSPAWNER_DATA_DIR:-.data} && \
-	echo "hub: http://$${GPUSPAWNER_IP:-127.0.0.1}:$${GPUSPAWNER_PORT:-8000}  image: $$image  password: $$data/user-password" && \
-	GPUSPAWNER_IMAGE=$${GPUSPAWNER_IMAGE:-$$image} $(VENV)/bin/jupyterhub -f jupyterhub_config.py
+	data=$${GPUSPAWNER_DATA_DIR:-.data} && auth=$${GPUSPAWNER_AUTH:-shared-password} && \
+	url=http://$${GPUSPAWNER_IP:-127.0.0.1}:$${GPUSPAWNER_PORT:-8000} && \
+	if [ "$$auth" = shared-password ]; then \
+	    login="password: $$data/user-password (one password, any name: a demo on this machine only; GPUSPAWNER_AUTH=native for accounts of their own)"; \
+	else login="login: sign up at $$url/hub/signup, admins ($${GPUSPAWNER_ADMIN_USERS:-none set}) authorise at $$url/hub/authorize"; fi && \
+	echo "hub: $$url  image: $$image  $$login" && \
+	GPUSPAWNER_AUTH=$$auth GPUSPAWNER_IMAGE=$${GPUSPAWNER_IMAGE:-$$image} $(VENV)/bin/jupyterhub -f jupyterhub_config.py
 
 test: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -46,9 +50,11 @@ $(VENV)/bin/configurable-http-proxy:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	npm install --global --silent --prefix $(VENV) configurable-http-proxy@$(CHP_VERSION)
 
-# Regenerate the README's configuration reference from the traits' help texts.
+# Regenerate the README's configuration reference from the traits' help texts, and its
+# tampering table from what `gpuspawner audit verify` answers to each attack.
 reference: $(VENV)/.installed
 	$(VENV)/bin/gpuspawner config-reference --update README.md
+	GPUSPAWNER_UPDATE_README=1 $(PY) -m pytest -q tests/test_tampering.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

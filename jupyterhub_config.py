@@ -9,6 +9,9 @@ admin changes most can also come from the environment:
     GPUSPAWNER_DATA_DIR      hub and audit databases, cookie secret,     (default ./.data)
                              generated passwords
     GPUSPAWNER_ADMIN_USERS   comma-separated admin user names            (default: none)
+    GPUSPAWNER_AUTH          how people log in: native (each person's own account, approved
+                             by an admin) or shared-password (a loopback demo; `make run`
+                             sets it)                                    (default: native)
     GPUSPAWNER_NETWORK       Docker network the user containers join; set it when the hub
                              itself runs in a container on that network  (default: the host's
                              default bridge)
@@ -22,11 +25,11 @@ admin changes most can also come from the environment:
                              given back (default 3600; 0 turns culling off)
     GPUSPAWNER_METRICS_TOKEN a token Prometheus uses to scrape /hub/metrics (default: none)
 
-Login. The default is JupyterHub's shared-password authenticator: every user logs in with one
-password, generated on first start into $GPUSPAWNER_DATA_DIR/user-password (mode 0600); admins
-listed in GPUSPAWNER_ADMIN_USERS use $GPUSPAWNER_DATA_DIR/admin-password. No login works
-without a password, so an exposed port is not an open door. For a real lab, use your
-institution's logins instead (see "Login" below).
+Login. By default each person has an account of their own (NativeAuthenticator): they sign
+up at /hub/signup, and an admin listed in GPUSPAWNER_ADMIN_USERS authorises them at
+/hub/authorize. Admins sign up too, under their listed names, and are authorised at once: sign
+them up as soon as the hub first starts, before others can reach it. For a real lab you may
+prefer your institution's logins (see "Login" below).
 """
 
 import os
@@ -91,19 +94,112 @@ else:
     c.JupyterHub.hub_ip = docker_bridge_address()
 
 # --- Login --------------------------------------------------------------------------------
-# To use your institution's logins instead of the shared password, replace this block, e.g.
+# Every server, GPU quota and audit record belongs to a user name, so a name must mean one
+# person. GPUSPAWNER_AUTH chooses how people prove theirs:
+#   native           (default) NativeAuthenticator: each person signs up at /hub/signup with
+#                    their own name and password and can log in once an admin has authorised
+#                    them at /hub/authorize. Names in GPUSPAWNER_ADMIN_USERS are authorised when
+#                    they sign up: claim them before the hub is reachable by others.
+#   shared-password  one generated password ($GPUSPAWNER_DATA_DIR/user-password) for everyone,
+#                    who may then log in under ANY name: no quota, group or audit record can be
+#                    trusted. For a demo on this machine only (`make run`): refused unless the
+#                    hub listens on a loopback address, or GPUSPAWNER_SHARED_PASSWORD_ANYWHERE=1.
+# To use your institution's logins instead, replace this block, e.g.
 #   c.JupyterHub.authenticator_class = "pam"                 # the server's Unix accounts
 #   c.JupyterHub.authenticator_class = "github"              # pip install oauthenticator; set
 #   c.GitHubOAuthenticator.oauth_callback_url / client_id / client_secret / allowed_organizations
+#   c.JupyterHub.authenticator_class = "generic-oauth"       # Keycloak, Entra ID, … (OIDC)
 #   c.JupyterHub.authenticator_class = "ldapauthenticator.LDAPAuthenticator"  # pip install
 #   jupyterhub-ldapauthenticator; set c.LDAPAuthenticator.server_address / bind_dn_template
-c.JupyterHub.authenticator_class = "shared-password"
-c.SharedPasswordAuthenticator.user_password = secret_file("user-password", length=24)
-c.Authenticator.allow_all = True  # anyone who knows the shared password may have an account
+# and say who may log in (c.Authenticator.allowed_users, or the authenticator's own groups or
+# organisations) rather than allow_all.
+#
+# User names become parts of container and volume names and of audit exports (CSV opened in a
+# spreadsheet): lowercase letters, digits, "-", "_" and ".", starting with a letter, at most 32.
+# Login names are lowercased first. Widen it if your institution's names need more.
+c.Authenticator.username_pattern = r"^[a-z][a-z0-9._-]{0,31}$"
 admins = {name.strip() for name in os.environ.get("GPUSPAWNER_ADMIN_USERS", "").split(",") if name.strip()}
-if admins:
-    c.Authenticator.admin_users = admins
-    c.SharedPasswordAuthenticator.admin_password = secret_file("admin-password", length=40)
+c.Authenticator.admin_users = admins
+auth = os.environ.get("GPUSPAWNER_AUTH", "native")
+if auth == "native":
+    try:
+        from nativeauthenticator import NativeAuthenticator
+        from nativeauthenticator.handlers import TEMPLATE_DIR
+        from nativeauthenticator.handlers import LoginHandler as NativeLoginHandler
+    except ImportError:
+        raise ImportError(
+            "GPUSPAWNER_AUTH=native needs NativeAuthenticator: pip install 'gpuspawner[hub]' "
+            "(or jupyterhub-nativeauthenticator)."
+        ) from None
+    from tornado.escape import url_escape
+    from tornado.httputil import url_concat
+
+    class _NoStatsd:
+        def timer(self, *args: object) -> "_NoStatsd":
+            return self
+
+        def start(self) -> "_NoStatsd":
+            return self
+
+        def stop(self, **kwargs: object) -> None:
+            pass
+
+    class LoginHandler(NativeLoginHandler):
+        """NativeAuthenticator 1.3's login page, mended for JupyterHub 6 (which dropped statsd and
+        renders a failed form's error through ``_render(sync=True, …)``). Drop it once a release
+        of NativeAuthenticator supports JupyterHub 6."""
+
+        statsd = _NoStatsd()
+
+        def _render(self, login_error=None, username=None, sync=False, **ignored):
+            next_url = self.get_argument("next", default="")
+            return self.render_template(
+                "native-login.html", sync=sync, next=url_escape(next_url), username=username,
+                login_error=login_error, custom_html=self.authenticator.custom_html,
+                login_url=self.settings["login_url"], enable_signup=self.authenticator.enable_signup,
+                two_factor_auth=self.authenticator.allow_2fa,
+                authenticator_login_url=url_concat(self.authenticator.login_url(self.hub.base_url), {"next": next_url}),
+            )
+
+    class LabNativeAuthenticator(NativeAuthenticator):
+        """NativeAuthenticator with the login page above; configured as c.NativeAuthenticator."""
+
+        def get_handlers(self, app):
+            return [(path, LoginHandler if h is NativeLoginHandler else h) for path, h in super().get_handlers(app)]
+
+    c.JupyterHub.authenticator_class = LabNativeAuthenticator
+    c.JupyterHub.template_paths = [TEMPLATE_DIR]  # its pages, for errors on the login form too
+    # NativeAuthenticator lets in only the accounts an admin authorised; the hub adds no list
+    # of its own.
+    c.Authenticator.allow_all = True
+    c.NativeAuthenticator.open_signup = False
+    c.NativeAuthenticator.minimum_password_length = 10
+    c.NativeAuthenticator.check_common_password = True
+    c.NativeAuthenticator.allowed_failed_logins = 5  # then that name waits 10 minutes
+    c.NativeAuthenticator.seconds_before_next_try = 600
+elif auth == "shared-password":
+    import ipaddress
+
+    def is_loopback(host: str) -> bool:
+        try:
+            return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    if not is_loopback(c.JupyterHub.ip) and os.environ.get("GPUSPAWNER_SHARED_PASSWORD_ANYWHERE") != "1":
+        raise ValueError(
+            f"GPUSPAWNER_AUTH=shared-password lets anyone who knows the one password log in under any name, "
+            f"and the hub would listen on {c.JupyterHub.ip or 'every address'} (GPUSPAWNER_IP), not only on "
+            f"this machine. Use GPUSPAWNER_AUTH=native (each person's own account), or set "
+            f"GPUSPAWNER_SHARED_PASSWORD_ANYWHERE=1 if you really mean it."
+        )
+    c.JupyterHub.authenticator_class = "shared-password"
+    c.SharedPasswordAuthenticator.user_password = secret_file("user-password", length=24)
+    c.Authenticator.allow_all = True  # anyone who knows the shared password, under any name
+    if admins:
+        c.SharedPasswordAuthenticator.admin_password = secret_file("admin-password", length=40)
+else:
+    raise ValueError(f"GPUSPAWNER_AUTH is {auth!r}; it must be 'native' or 'shared-password'.")
 # Groups decide who may use which profile. Manage them in the admin page (/hub/admin) or here:
 c.JupyterHub.load_groups = {"ml-lab": {"users": []}, "course": {"users": []}}
 

@@ -21,14 +21,17 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from gpuspawner import audit
 from gpuspawner.audit import GENESIS, AuditRecord, RecordedDevice, seal
-from gpuspawner.store import AuditStore, _columns, records_table
+from gpuspawner.store import AuditStore, _columns, load_key, records_table
 
 BIN = Path(sys.executable).parent
 
 
-def fill(url: str, n: int) -> float:
-    store = AuditStore(url)
+def fill(url: str, n: int, *, key_file: Path, head_file: Path) -> float:
+    """n sealed records with their opening seals, as the hub writes them, in big batches."""
+    key = load_key(key_file, create=True)
+    store = AuditStore(url, key=key, head_file=head_file)
     t0 = time.perf_counter()
     prev = GENESIS
     batch = []
@@ -47,14 +50,17 @@ def fill(url: str, n: int) -> float:
                 started_at="2026-11-21T10:00:00+00:00", stopped_at="2026-11-21T11:00:00+00:00",
                 driver_version="550.54.15", cuda_driver_version="12.4", gpuspawner_version="bench",
             )
-            record = seal(record, seq=i, prev_hash=prev)
+            record = seal(record, seq=i, prev_hash=prev, key=key)
             prev = record.hash or ""
-            batch.append(_columns(record))
+            columns = _columns(record)
+            opening = audit.opening_digest(key=key, opened=i, opening=audit.opening_json(columns))
+            batch.append({**columns, "opened": i, "open_mac": opening})
             if len(batch) == 20000:
                 conn.execute(records_table.insert(), batch)
                 batch = []
         if batch:
             conn.execute(records_table.insert(), batch)
+    head_file.write_text(f'{{"seq": {n}, "hash": "{prev}", "opened": {n}}}\n')
     return time.perf_counter() - t0
 
 
@@ -81,10 +87,15 @@ def main() -> None:
     db.unlink(missing_ok=True)
     url = f"sqlite:///{db}"
     config = folder / "jupyterhub_config.py"
-    config.write_text(f"c = get_config()\nc.GPUSpawner.audit_db_url = {url!r}\nc.GPUSpawner.hub_id = 'hub-bench'\n")
+    key_file, head_file = folder / "audit.key", folder / "audit.head"
+    key_file.unlink(missing_ok=True)
+    config.write_text(
+        f"c = get_config()\nc.GPUSpawner.audit_db_url = {url!r}\nc.GPUSpawner.hub_id = 'hub-bench'\n"
+        f"c.GPUSpawner.audit_key_file = {str(key_file)!r}\nc.GPUSpawner.audit_head_file = {str(head_file)!r}\n"
+    )
 
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; {args.records:,} records")
-    seconds = fill(url, args.records)
+    seconds = fill(url, args.records, key_file=key_file, head_file=head_file)
     print(f"filled {db.stat().st_size / 2**20:.0f} MiB database in {seconds:.1f} s")
     cli = [str(BIN / "gpuspawner")]
     runs = [

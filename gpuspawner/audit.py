@@ -2,9 +2,13 @@
 
 A record says which environment a server ran: image (as requested, by repository digest and
 image ID), the profile as configured, the devices and the driver, times and outcome. When a
-record reaches its final state it is *sealed*: it gets the next sequence number and a hash
-over its content and the previous sealed record's hash. Changing any sealed record, or the
-order of two, breaks every hash from there on, and :func:`verify_chain` names the first.
+record is written it gets an *opening seal* (the next opening number, and a MAC over who,
+which server and when); when it reaches its final state it is *sealed*: the next sequence
+number and a MAC over its content and the previous sealed record's seal. Both are HMAC-SHA256
+with the hub's sealing key, which the database does not hold, so someone who can write the
+database can neither change a record nor forge a new one unseen; deleting records leaves gaps
+in the numbers, and deleting the newest ones is seen against the chain head kept outside the
+database (:class:`ChainHead`). :func:`verify_store` lists every problem it finds.
 
 Exports live in :mod:`gpuspawner.export`.
 
@@ -13,11 +17,16 @@ Pure code: no docker, pynvml, jupyterhub or database imports.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import hmac
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
+
+from .settings import ConfigError
 
 # stopped: by the hub (user, admin, culler); died: the container ended on its own or behind the
 # hub's back (crash, OOM, docker stop); failed: never became ready; abandoned: the hub stopped
@@ -26,9 +35,23 @@ Outcome = Literal["requested", "starting", "running", "stopped", "died", "failed
 FINAL_OUTCOMES = frozenset({"stopped", "died", "failed", "abandoned"})
 GENESIS = "0" * 64  # the "previous hash" of the first sealed record
 
-# Environment variables never exported or reproduced: the hub's per-server secrets.
+# Environment variables dropped from the record entirely: the hub's per-server secrets, which
+# mean nothing outside this hub anyway.
 SECRET_PREFIXES = ("JUPYTERHUB_", "JPY_")
-SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+# A variable is redacted when a part of its name (split at "_", "-" or ".") is one of these words.
+# Whole parts, so PATH (not PAT), KEYBOARD_LAYOUT (not KEY), GIT_AUTHOR_NAME (not AUTH) and
+# TOKENIZERS_PARALLELISM (not TOKEN) are kept. CERT is not here: SSL_CERT_FILE and the like
+# name public certificates; a private key is caught by KEY or PRIVATE, or by its value.
+SECRET_WORDS = frozenset({
+    "TOKEN", "TOKENS", "SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "PASS", "PWD", "PASSPHRASE",
+    "KEY", "KEYS", "APIKEY", "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "PAT", "COOKIE", "COOKIES",
+    "SESSION", "PRIVATE", "BEARER",
+})
+# ...or ends with one of these (PGPASS, PGPASSWORD, GHTOKEN): words no ordinary one ends with.
+SECRET_ENDINGS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PGPASS")
+NOT_SECRET_NAMES = frozenset({"PWD"})  # the shell's working directory
+# What a redacted value, or the password of a URL in a value, becomes in the record.
+REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,7 @@ class AuditRecord:
 
     @property
     def sealed(self) -> bool:
-        return self.hash is not None
+        return self.hash is not None and self.seq is not None
 
     def content(self) -> dict[str, Any]:
         """Everything but the seal, as plain JSON-able data."""
@@ -125,17 +148,112 @@ def content_hash(data: Any) -> str:
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 
-def seal_digest(*, seq: int, prev_hash: str, content_json: str) -> str:
-    """The seal of record number `seq`: its canonical content, chained to the previous seal."""
-    return hashlib.sha256(f"{seq}\n{prev_hash}\n{content_json}".encode()).hexdigest()
+def key_id(key: bytes) -> str:
+    """A short public name for a sealing key: tells keys apart without revealing them."""
+    return hashlib.sha256(b"gpuspawner audit key\n" + key).hexdigest()[:16]
 
 
-def seal(record: AuditRecord, *, seq: int, prev_hash: str) -> AuditRecord:
-    """The record sealed as number `seq`, chained to the previous sealed record's hash."""
+def _mac(key: bytes, message: str) -> str:
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def seal_digest(*, seq: int, prev_hash: str, content_json: str, key: bytes | None) -> str:
+    """The seal of record number `seq`: its canonical content, chained to the previous seal.
+
+    HMAC-SHA256 with the hub's sealing key; ``key=None`` is the plain SHA-256 of stores sealed
+    before keys (gpuspawner 0.1), which anyone who can write the database could recompute.
+    """
+    message = f"{seq}\n{prev_hash}\n{content_json}"
+    if key is None:
+        return hashlib.sha256(message.encode()).hexdigest()
+    return _mac(key, message)
+
+
+def seal(record: AuditRecord, *, seq: int, prev_hash: str, key: bytes) -> AuditRecord:
+    """The record sealed as number `seq` with `key`, chained to the previous sealed record's hash."""
     if record.outcome not in FINAL_OUTCOMES:
         raise ValueError(f"record {record.id} is {record.outcome}; only final records are sealed")
-    digest = seal_digest(seq=seq, prev_hash=prev_hash, content_json=canonical_json(record.content()))
+    digest = seal_digest(seq=seq, prev_hash=prev_hash, content_json=canonical_json(record.content()), key=key)
     return replace(record, seq=seq, prev_hash=prev_hash, hash=digest)
+
+
+# What a record's opening seal covers: who asked, for which server, of which hub, when. The
+# rest of an open record still changes as the server starts; it is sealed when it ends.
+OPENING_FIELDS = ("id", "hub_id", "user", "server", "requested_at")
+
+
+def opening_json(data: Mapping[str, Any]) -> str:
+    return canonical_json({name: data.get(name) for name in OPENING_FIELDS})
+
+
+def opening_digest(*, key: bytes, opened: int, opening: str) -> str:
+    """The opening seal of the `opened`-th record written to the store: every record gets one
+    when it is inserted, so a record deleted before it was sealed leaves a gap in the numbers."""
+    return _mac(key, f"open\n{opened}\n{opening}")
+
+
+@dataclass(frozen=True)
+class SealingStart:
+    """When a store began to be sealed with a key, and what it held then; kept in the store,
+    under its own MAC, so that neither the key nor the boundary can be changed unseen.
+
+    Records 1..``legacy_sealed`` were sealed with plain SHA-256 before (the chain's link from
+    record ``legacy_sealed + 1`` to ``legacy_head`` holds them fast from then on); the
+    ``opened_before`` records already in the store got opening numbers 1..``opened_before``.
+    """
+
+    key_id: str
+    introduced_at: str
+    legacy_sealed: int = 0
+    legacy_head: str = GENESIS
+    opened_before: int = 0
+    mac: str = ""
+
+    def body(self) -> str:
+        return canonical_json({k: v for k, v in self.__dict__.items() if k != "mac"})
+
+    def signed(self, key: bytes) -> SealingStart:
+        return replace(self, mac=_mac(key, "start\n" + self.body()))
+
+    def valid_for(self, key: bytes) -> bool:
+        return self.key_id == key_id(key) and hmac.compare_digest(self.mac, _mac(key, "start\n" + self.body()))
+
+    def to_json(self) -> str:
+        return canonical_json(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> SealingStart:
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in ("key_id", "introduced_at", "legacy_sealed", "legacy_head", "opened_before", "mac")})
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The newest sealed record (number and seal) and how many records were opened: kept
+    outside the database too, so deleting the newest records is seen."""
+
+    seq: int = 0
+    hash: str = GENESIS
+    opened: int = 0
+
+    def text(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+    def advanced(self, other: ChainHead) -> ChainHead:
+        """The newer of the two, field by field (sealers in several processes finish in any order)."""
+        newer = other if other.seq > self.seq else self
+        return ChainHead(newer.seq, newer.hash, max(self.opened, other.opened))
+
+
+_HEAD = re.compile(r"^(\d+):([0-9a-f]{64})$")
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` as ``verify`` prints it, e.g. ``12:3fa2…`` (64 hex digits)."""
+    m = _HEAD.match(text.strip().lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a chain head; expected SEQ:HASH as `gpuspawner audit verify` prints it, e.g. 12:{'3f' * 32}")
+    return int(m.group(1)), m.group(2)
 
 
 @dataclass(frozen=True)
@@ -154,37 +272,262 @@ class SealedEntry:
 
 
 @dataclass(frozen=True)
+class OpenedEntry:
+    """Any record as stored, sealed or not: its opening number and seal, and what they cover."""
+
+    id: str
+    opened: int | None
+    open_mac: str | None
+    opening: str
+    seq: int | None
+    hash: str | None
+
+
+MAX_PROBLEMS = 20  # listed one by one; more are counted
+
+
+@dataclass(frozen=True)
 class Verification:
     ok: bool
-    checked: int
-    first_bad: str | None = None  # the id of the first record whose content or order changed
-    reason: str = ""
+    checked: int  # sealed records checked
+    problems: tuple[str, ...] = ()
+    more_problems: int = 0
+    open_records: int = 0
+    head: ChainHead | None = None  # the store's own head: newest sealed record, records opened
+    start: SealingStart | None = None
+    key: str | None = None  # the id of the key checked with
+
+    @property
+    def first_problem(self) -> str | None:
+        return self.problems[0] if self.problems else None
 
     def message(self) -> str:
+        """What ``gpuspawner audit verify`` prints: a verdict line, then the facts to keep."""
         if self.ok:
-            return f"OK: {self.checked} sealed records, chain intact."
-        return f"FAILED at record {self.first_bad}: {self.reason} ({self.checked} records checked before it)."
+            lines = [f"OK: {self.checked} sealed records, {self.open_records} open; chain intact."]
+        else:
+            count = len(self.problems) + self.more_problems
+            lines = [f"FAILED: {count} problem{'s' if count != 1 else ''} ({self.checked} sealed records checked):"]
+            lines += [f"  - {p}" for p in self.problems]
+            if self.more_problems:
+                lines.append(f"  - … and {self.more_problems} more")
+        if self.head is not None:
+            lines.append(f"Head: {self.head.text()} ({self.head.opened} records opened)")
+        if self.start is not None:
+            legacy = (
+                f"; records 1-{self.start.legacy_sealed} were sealed with plain SHA-256 before it"
+                if self.start.legacy_sealed else ""
+            )
+            lines.append(f"Sealing key {self.start.key_id}, used since {self.start.introduced_at}{legacy}.")
+        return "\n".join(lines)
 
 
-def verify_chain(entries: Iterable[SealedEntry | AuditRecord]) -> Verification:
-    """Check sealed records in sequence order; the first that does not fit is named."""
-    prev, expected_seq, checked = GENESIS, 1, 0
-    for item in entries:
+class _Problems:
+    def __init__(self) -> None:
+        self.listed: list[str] = []
+        self.more = 0
+
+    def add(self, text: str) -> None:
+        if len(self.listed) < MAX_PROBLEMS:
+            self.listed.append(text)
+        else:
+            self.more += 1
+
+
+def _span(first: int, last: int, *, what: str = "records", verb: str = "are") -> str:
+    """ "records #3-#5 are", or "record #3 is" for one."""
+    if first == last:
+        return f"{what.replace('records', 'record')} #{first} {dict(are='is', were='was').get(verb, verb)}"
+    return f"{what} #{first}-#{last} {verb}"
+
+
+def verify_store(
+    *,
+    key: bytes,
+    start: SealingStart | None,
+    sealed: Iterable[SealedEntry | AuditRecord],
+    opened: Iterable[OpenedEntry] = (),
+    head_file: ChainHead | None = None,
+    head_file_name: str = "",
+    head_required: bool = True,
+    expected_head: tuple[int, str] | None = None,
+) -> Verification:
+    """Check a whole store: every problem found, not only the first.
+
+    ``sealed``: the sealed records in sequence order; ``opened``: every record in opening
+    order, then those without an opening number. ``head_file``: the head kept outside the
+    database (None: missing, itself a problem once a store has a key); ``expected_head``: a
+    head kept elsewhere that this chain must still contain.
+    """
+    problems = _Problems()
+    if start is None:
+        problems.add("the store has no record of its sealing key (deleted, or the store was replaced)")
+        start_checked = SealingStart(key_id="", introduced_at="")
+    else:
+        start_checked = start
+        if not start.valid_for(key):
+            problems.add(
+                f"the store's sealing-key record does not match this key ({key_id(key)}; the record names "
+                f"{start.key_id}): the key or the record was swapped or changed"
+            )
+    wanted: set[int] = set()
+    if head_file is not None and head_file.seq:
+        wanted.add(head_file.seq)
+    if expected_head is not None:
+        wanted.add(expected_head[0])
+    found: dict[int, str | None] = {}
+
+    prev, expected_seq, checked, last_seq, last_hash = GENESIS, 1, 0, 0, GENESIS
+    for item in sealed:
         entry = item if isinstance(item, SealedEntry) else SealedEntry.of(item)
-        if entry.seq != expected_seq:
-            return Verification(False, checked, entry.id, f"sequence number {entry.seq}, expected {expected_seq}")
-        if entry.prev_hash != prev:
-            return Verification(False, checked, entry.id, "its link to the previous record does not match")
-        if seal_digest(seq=expected_seq, prev_hash=prev, content_json=entry.content_json) != entry.hash:
-            return Verification(False, checked, entry.id, "its content does not match its seal")
-        prev, expected_seq, checked = entry.hash or "", expected_seq + 1, checked + 1
-    return Verification(True, checked)
+        seq = entry.seq or 0
+        if seq > expected_seq:
+            problems.add(f"{_span(expected_seq, seq - 1, what='sealed records')} missing (deleted)")
+            prev = entry.prev_hash or ""
+        elif entry.prev_hash != prev:
+            problems.add(f"record {entry.id} (#{seq}): its link to the previous sealed record does not match")
+        legacy = seq <= start_checked.legacy_sealed
+        digest = seal_digest(seq=seq, prev_hash=entry.prev_hash or "", content_json=entry.content_json, key=None if legacy else key)
+        if not hmac.compare_digest(digest, entry.hash or ""):
+            problems.add(f"record {entry.id} (#{seq}): its content does not match its seal")
+        if legacy and seq == start_checked.legacy_sealed and entry.hash != start_checked.legacy_head:
+            problems.add(f"record {entry.id} (#{seq}): the records sealed before the key changed after the key took them over")
+        if seq in wanted:
+            found[seq] = entry.hash
+        prev, expected_seq, checked, last_seq, last_hash = entry.hash or "", seq + 1, checked + 1, seq, entry.hash or ""
+    if start_checked.legacy_sealed > last_seq:
+        problems.add(f"{_span(last_seq + 1, start_checked.legacy_sealed, what='sealed records')} missing (deleted; sealed before the key)")
+
+    expected_open, open_records, last_opened = 1, 0, 0
+    for o in opened:
+        if o.hash is not None and o.seq is None:
+            problems.add(f"record {o.id} carries a seal but no sequence number: the hub did not seal it")
+        elif o.hash is None:
+            open_records += 1
+        if o.opened is None:
+            problems.add(f"record {o.id} has no opening seal: the hub did not write it")
+            continue
+        if o.opened > expected_open:
+            problems.add(f"{_span(expected_open, o.opened - 1, what='records opened as')} missing (deleted)")
+        if not hmac.compare_digest(opening_digest(key=key, opened=o.opened, opening=o.opening), o.open_mac or ""):
+            problems.add(f"record {o.id}: its user, server, hub or request time does not match its opening seal")
+        expected_open, last_opened = o.opened + 1, o.opened
+
+    if head_file is None and head_required:
+        problems.add(f"the chain head kept outside the database{' (' + head_file_name + ')' if head_file_name else ''} is missing")
+    elif head_file is not None:
+        if head_file.seq > last_seq:
+            problems.add(
+                f"the store ends at sealed record #{last_seq}, but the head kept outside the database is "
+                f"#{head_file.seq}: {_span(last_seq + 1, head_file.seq, verb='were')} deleted"
+            )
+        elif head_file.seq and found.get(head_file.seq) != head_file.hash:
+            problems.add(f"sealed record #{head_file.seq} is not the one the head kept outside the database names")
+        if head_file.opened > last_opened:
+            problems.add(
+                f"the store holds records opened up to #{last_opened}, but the head kept outside the database "
+                f"counts {head_file.opened}: {_span(last_opened + 1, head_file.opened, what='records opened as', verb='were')} deleted"
+            )
+    if expected_head is not None:
+        seq, digest = expected_head
+        if seq > last_seq:
+            problems.add(f"the store ends at sealed record #{last_seq}, before the expected head #{seq}")
+        elif found.get(seq) != digest:
+            problems.add(f"sealed record #{seq} is not the expected head {seq}:{digest[:12]}…: the chain was rewritten")
+    return Verification(
+        ok=not problems.listed,
+        checked=checked,
+        problems=tuple(problems.listed),
+        more_problems=problems.more,
+        open_records=open_records,
+        head=ChainHead(last_seq, last_hash, last_opened),
+        start=start,
+        key=key_id(key),
+    )
 
 
-def is_secret(name: str) -> bool:
+def verify_chain(entries: Iterable[SealedEntry | AuditRecord], *, key: bytes) -> Verification:
+    """Check sealed records alone (no opening seals, no head): a chain made with `key` from its start."""
+    result = verify_store(
+        key=key, start=SealingStart(key_id=key_id(key), introduced_at="").signed(key), sealed=entries,
+        head_file=ChainHead(),
+    )
+    return result
+
+
+def is_hub_secret(name: str) -> bool:
+    """The hub's own per-server variables (API token, URLs of this hub): dropped, not redacted."""
+    return name.upper().startswith(SECRET_PREFIXES)
+
+
+def is_secret(name: str, extra_names: Iterable[str] = ()) -> bool:
+    """Whether a variable's name says its value is a secret; `extra_names` are an admin's
+    names or glob patterns (``GPUSpawner.audit_redact_names``), compared in any case."""
     upper = name.upper()
-    return upper.startswith(SECRET_PREFIXES) or any(word in upper for word in SECRET_WORDS)
+    if is_hub_secret(upper):
+        return True
+    if upper in NOT_SECRET_NAMES:
+        return False
+    parts = [p for p in re.split(r"[^A-Z0-9]+", upper) if p]
+    if any(p in SECRET_WORDS or p.endswith(SECRET_ENDINGS) for p in parts):
+        return True
+    return any(fnmatch.fnmatchcase(upper, pattern.upper()) for pattern in extra_names)
 
 
-def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if not is_secret(k)}
+# scheme://userinfo@ : userinfo runs to the last "@" before the host's "/", "?" or "#".
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]+)@")
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+
+
+def redact_value(value: str) -> str:
+    """`value` without the credentials it carries: the password of each URL in it
+    (``postgresql://u:<redacted>@db/x``; a user part alone may be a token, so it goes too),
+    or all of it when it holds a private key."""
+    if _PRIVATE_KEY.search(value):
+        return REDACTED
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m["userinfo"].partition(":")
+        return m["scheme"] + (f"{user}:{REDACTED}" if colon else REDACTED) + "@"
+
+    return _URL_USERINFO.sub(userinfo, value)
+
+
+def without_secrets(env: Mapping[str, str], *, extra_names: Iterable[str] = ()) -> dict[str, str]:
+    """The environment as the audit record keeps it.
+
+    The hub's per-server variables (``JUPYTERHUB_*``, ``JPY_*``) are left out. A variable
+    whose name looks secret (:func:`is_secret`) stays, by name, with the value
+    :data:`REDACTED`, so an auditor sees it was set; credentials inside other values are
+    replaced by :data:`REDACTED` (:func:`redact_value`). Redacting twice changes nothing.
+    """
+    extra = tuple(extra_names)
+    return {
+        name: REDACTED if is_secret(name, extra) else redact_value(value)
+        for name, value in env.items()
+        if not is_hub_secret(name)
+    }
+
+
+def is_redacted(value: str) -> bool:
+    """Whether a recorded value lost something to redaction (so a rerun must supply it)."""
+    return REDACTED in value
+
+
+_REDACT_NAME = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
+
+
+def parse_redact_names(value: Any, *, where: str) -> tuple[str, ...]:
+    """Check ``GPUSpawner.audit_redact_names``: a list of variable names or glob patterns."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            f"{where} is {value!r}; allowed: a list of environment variable names or glob patterns, "
+            "such as ['LICENSE_SERVER', 'MYCORP_*']."
+        )
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _REDACT_NAME.match(item):
+            raise ConfigError(
+                f"{where}[{i}] is {item!r}; allowed: an environment variable name or a glob pattern "
+                "(letters, digits, _ . - and the wildcards * ? [...]), such as 'MYCORP_*'."
+            )
+    return tuple(value)

@@ -16,11 +16,12 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import labels, settings
+from . import labels, settings, times
 from .spawner import HubSettings
 from .allocation import Holder, Status, device_status
 from .devices import Device, Inventory, format_bytes
@@ -44,9 +45,30 @@ def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSett
         # Relative paths in the config (the hub database's, say) mean what they mean to a
         # hub started in the config's folder.
         os.chdir(path.parent)
-        app.load_config_file(str(path))
+        try:
+            app.load_config_file(str(path))
+        except Exception as e:  # the file is Python: it may fail in any way
+            raise CLIError(config_file_failure(path, e)) from None
     check_config(app.config)
     return hub_settings(app.config, hub_id=hub_id)
+
+
+def config_file_failure(path: Path, error: BaseException) -> str:
+    """One line saying why a configuration file did not load, and where in it."""
+    if isinstance(error, SyntaxError):
+        return f"the configuration file {path} has a syntax error at line {error.lineno}: {error.msg}"
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    where = f" at line {lines[-1]}" if lines else ""
+    first_line = next(iter(str(error).splitlines()), "")
+    return f"the configuration file {path} failed{where}: {type(error).__name__}: {first_line}"
+
+
+def time_argument(text: str) -> str:
+    """An argparse type: an ISO 8601 time (no zone: UTC), in the form the audit store writes."""
+    try:
+        return times.stored_time(text)
+    except times.TimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def hub_containers(hub_id: str) -> list[dict[str, Any]]:
@@ -169,12 +191,23 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 # --- Audit --------------------------------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from .store import AuditStore
+class StoreMissing(CLIError):
+    """No audit store, or no sealing key, where the configuration says: exit status 2."""
+
+
+def _store(args: argparse.Namespace, *, with_key: bool = False) -> Any:
+    """The hub's audit store, read-only: never creates one (a missing store is an error)."""
+    from .store import AuditStore, AuditStoreMissing, load_key
 
     hub = load_hub_settings(args.config, hub_id=None)
     try:
-        return AuditStore(hub.audit_db_url)
+        store = AuditStore(hub.audit_db_url, head_file=hub.audit_head_file, create=False)
+        if with_key:
+            store.key = load_key(hub.audit_key_file)
+        return store
+    except AuditStoreMissing as e:
+        where = f" (configuration {Path(args.config).resolve()})" if args.config else " (no jupyterhub_config.py here; pass -f)"
+        raise StoreMissing(f"{e}{where}") from None
     except Exception as e:
         raise CLIError(f"cannot open the audit database {hub.audit_db_url}: {e}") from None
 
@@ -196,10 +229,15 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     target = args.output
     if args.format == "ro-crate" and target and Path(target).is_dir():
         target = str(Path(target) / "ro-crate-metadata.json")
-    out = open(target, "w", encoding="utf-8", newline="") if target else sys.stdout
+    try:
+        out = open(target, "w", encoding="utf-8", newline="") if target else sys.stdout
+    except OSError as e:
+        raise CLIError(f"cannot write {target}: {e.strerror or e}") from None
     try:
         for chunk in chunks:
             out.write(chunk)
+    except OSError as e:  # a full disk, a closed pipe
+        raise CLIError(f"cannot write {target or 'standard output'}: {e.strerror or e}") from None
     finally:
         if target:
             out.close()
@@ -207,7 +245,14 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    result = _store(args).verify()
+    from .audit import parse_head
+
+    try:
+        expected = parse_head(args.expect_head) if args.expect_head else None
+    except ValueError as e:
+        raise CLIError(f"--expect-head: {e}") from None
+    store = _store(args, with_key=True)
+    result = store.verify(key=store.key, expected_head=expected)
     print(result.message(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 2
 
@@ -280,13 +325,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
     export = audit_sub.add_parser("export", parents=[config], help="export records (streamed)")
     export.add_argument("--format", choices=("csv", "jsonl", "ro-crate"), default="csv")
-    export.add_argument("--since", help="records requested at or after this ISO 8601 time (e.g. 2026-01-01)")
-    export.add_argument("--until", help="records requested before this ISO 8601 time")
+    zones = "ISO 8601, such as 2026-11-21 or 2026-11-21T12:00+02:00; without a zone, UTC"
+    export.add_argument("--since", type=time_argument, help=f"records requested at or after this time ({zones})")
+    export.add_argument("--until", type=time_argument, help=f"records requested before this time ({zones})")
     export.add_argument("--user", help="one user's records")
     export.add_argument("--profile", help="one profile's records")
-    export.add_argument("-o", "--output", help="write here instead of standard output (ro-crate: a file or folder)")
+    export.add_argument(
+        "-o", "--output",
+        help="write here (relative to the current folder) instead of standard output (ro-crate: a file or folder)",
+    )
     export.set_defaults(run=cmd_audit_export)
-    verify = audit_sub.add_parser("verify", parents=[config], help="check that no sealed record changed")
+    verify = audit_sub.add_parser(
+        "verify", parents=[config],
+        help="check that no record was changed, forged or deleted (exit 2 if one was, or if there is no store)",
+    )
+    verify.add_argument(
+        "--expect-head", metavar="SEQ:HASH",
+        help="a head printed by an earlier verify and kept elsewhere: the chain must still contain it",
+    )
     verify.set_defaults(run=cmd_audit_verify)
     show = audit_sub.add_parser("show", parents=[config], help="one record, in full")
     show.add_argument("id")
@@ -301,9 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference.set_defaults(run=cmd_config_reference)
 
     args = parser.parse_args(argv)
+    # Paths the caller typed mean what they mean where the caller is: loading the config moves
+    # into the config's folder.
+    for name in ("config", "output"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if getattr(args, "since", None) and getattr(args, "until", None) and args.since >= args.until:
+        export.error(f"--since {args.since} is not before --until {args.until}, so no record can match")
     try:
         result: int = args.run(args)
         return result
+    except StoreMissing as e:
+        print(f"gpuspawner {args.command}: {e}", file=sys.stderr)
+        return 2
     except (CLIError, settings.ConfigError) as e:
         print(f"gpuspawner {args.command}: {e}", file=sys.stderr)
         return 1

@@ -35,6 +35,8 @@ from .allocation import GPURequest
 from .devices import format_bytes
 from .images import ImageReferenceError, ImageRef, Pinning, is_pinned, parse_image, pinning_rule
 from .settings import ConfigError, parse_bytes, parse_gpu_request
+from .userinput import OptionsError as OptionsError  # raised here; its home is userinput
+from .userinput import quote
 
 PROFILE_KEYS = (
     "slug", "display_name", "description", "default", "image", "gpus", "cpu_limit", "mem_limit",
@@ -72,15 +74,6 @@ class Profile:
         if self.mem_limit is not None:
             parts.append(f"{format_bytes(self.mem_limit)} memory")
         return " · ".join(parts)
-
-
-class OptionsError(Exception):
-    """A user's choice that cannot be honoured; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def parse_profiles(value: Any, *, where: str = "GPUSpawner.profiles", pinning: Pinning = "tag") -> tuple[Profile, ...]:
@@ -200,7 +193,7 @@ def choose_profile(
     if others:
         raise OptionsError(
             400,
-            f"Unknown option {others[0]!r}: a server is chosen by profile only, "
+            f"Unknown option {quote(others[0])}: a server is chosen by profile only, "
             '{"profile": "<slug>"}; images, devices and limits come with the profile.',
         )
     mine = allowed_profiles(profiles, user=user, groups=groups)
@@ -211,12 +204,12 @@ def choose_profile(
             raise OptionsError(403, f"No profile is open to {user}; ask an admin for access.")
         return chosen
     if not isinstance(slug, str):
-        raise OptionsError(400, f"'profile' is {slug!r}; it must be a profile slug such as {_slugs(mine)}.")
+        raise OptionsError(400, f"'profile' is {quote(slug)}; it must be a profile slug such as {_slugs(mine)}.")
     by_slug = {p.slug: p for p in profiles}
     if slug not in by_slug:
-        raise OptionsError(400, f"Unknown profile {slug!r}; the profiles you may use: {_slugs(mine)}.")
+        raise OptionsError(400, f"Unknown profile {quote(slug)}; the profiles you may use: {_slugs(mine)}.")
     if by_slug[slug] not in mine:
-        raise OptionsError(403, f"Profile {slug!r} is not open to {user}; the profiles you may use: {_slugs(mine)}.")
+        raise OptionsError(403, f"Profile {quote(slug)} is not open to {user}; the profiles you may use: {_slugs(mine)}.")
     return by_slug[slug]
 
 

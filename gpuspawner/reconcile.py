@@ -28,6 +28,10 @@ ORPHAN_STOPPED = (
     "Its container ran on with no server of the hub to own it (the hub stopped while it was "
     "starting, or the spawn was interrupted); the hub stopped it."
 )
+REPLACED = (
+    "The hub lost track of this server while it was starting (it stopped or was killed); "
+    "a later spawn of the same server removed its container."
+)
 GONE_UNSEEN = "Its container was gone when the hub looked for it: it ended while the hub was not watching."
 
 

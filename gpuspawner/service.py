@@ -8,7 +8,10 @@ CSV or JSONL. Everyone else gets 403. Add it to ``jupyterhub_config.py`` with::
     audit_service(c, config_file=__file__)
 
 The service reads the same ``jupyterhub_config.py`` as the ``gpuspawner audit`` commands to
-find the audit database, so admins never type a database URL.
+find the audit database, so admins never type a database URL. JupyterHub starts a managed
+service with a bare environment, so the hub's ``GPUSPAWNER_*`` variables (the data folder
+above all) are handed to it: the configuration then resolves in the service exactly as in the
+hub, and the service reads the hub's own records.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
+from sqlalchemy.engine import make_url
 from tornado import web
 from tornado.escape import xhtml_escape
 from tornado.ioloop import IOLoop
@@ -36,13 +40,25 @@ SCOPE = "custom:gpuspawner-audit:read"
 TABLE_LIMIT = 500
 
 
-def audit_service(c: Any, *, config_file: str, name: str = "audit", port: int = 10101) -> None:
-    """Register the audit service in a hub's configuration ``c`` (a traitlets Config)."""
+ENV_PREFIX = "GPUSPAWNER_"
+
+
+def audit_service(
+    c: Any, *, config_file: str, name: str = "audit", port: int = 10101, pass_env: Iterable[str] = ()
+) -> None:
+    """Register the audit service in a hub's configuration ``c`` (a traitlets Config).
+
+    The service re-reads ``config_file`` to find the audit database. JupyterHub gives a managed
+    service none of the hub's environment but ``PATH`` and a few others, so every ``GPUSPAWNER_*``
+    variable set now, and those named in ``pass_env`` (variables of your own that the
+    configuration reads), go to the service as they are when the hub loads its configuration.
+    """
     services = list(c.JupyterHub.services) if "services" in c.JupyterHub else []
     services.append({
         "name": name,
         "url": f"http://127.0.0.1:{port}",
         "command": [sys.executable, "-m", "gpuspawner.service", "-f", os.path.abspath(config_file)],
+        "environment": service_environment(os.environ, pass_env=pass_env),
         "oauth_no_confirm": True,
         "oauth_client_allowed_scopes": [SCOPE],
         "display": True,
@@ -51,6 +67,12 @@ def audit_service(c: Any, *, config_file: str, name: str = "audit", port: int = 
     scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
     scopes[SCOPE] = {"description": "Read gpuspawner's audit records of every server."}
     c.JupyterHub.custom_scopes = scopes
+
+
+def service_environment(environ: Mapping[str, str], *, pass_env: Iterable[str] = ()) -> dict[str, str]:
+    """The variables of ``environ`` the configuration may depend on: ``GPUSPAWNER_*`` and ``pass_env``."""
+    wanted = set(pass_env)
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) or k in wanted}
 
 
 class _Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
@@ -172,10 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="gpuspawner's audit service (started by JupyterHub)")
     parser.add_argument("-f", "--config", required=True, help="the hub's jupyterhub_config.py")
     args = parser.parse_args(argv)
-    store = AuditStore(load_hub_settings(args.config, hub_id=None).audit_db_url)
+    db_url = load_hub_settings(args.config, hub_id=None).audit_db_url
+    store = AuditStore(db_url)
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
     make_app(store).listen(url.port or 80, url.hostname or "127.0.0.1")
-    print(f"gpuspawner audit service on {url.geturl()} ({socket.gethostname()})", file=sys.stderr)
+    # Which database it reads, so an admin can tell it is the hub's (password hidden).
+    shown = make_url(db_url).render_as_string(hide_password=True)
+    print(f"gpuspawner audit service on {url.geturl()} ({socket.gethostname()}), records from {shown}", file=sys.stderr)
     IOLoop.current().start()
 
 

@@ -43,7 +43,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Callable, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, default, validate
 from traitlets.config import Config
 
-from . import audit, images, injection, labels, profiles, reconcile, seams, settings
+from . import audit, images, injection, labels, profiles, reconcile, seams, settings, userinput
 from ._version import __version__
 from .allocation import Grant, GPURequest, Holder, allocate, availability, quota_for, quota_refusal
 from .claims import HOLDING_STATES, ClaimBook, claims_from_containers, foreign_claims
@@ -70,6 +70,8 @@ def _hub_db_url() -> str:
 
 
 HUB_ID_FILE = "gpuspawner-hub-id"
+AUDIT_KEY_FILE = "gpuspawner-audit.key"
+AUDIT_HEAD_FILE = "gpuspawner-audit.head"
 
 
 def _data_folder(db_url: str) -> Path:
@@ -144,9 +146,9 @@ class _HubWide:
             self.nvml = NVMLInventory(cache_seconds=cache_seconds, timeout=timeout)
         return self.nvml
 
-    def audit(self, url: str) -> AsyncAuditStore:
+    def audit(self, url: str, *, key_file: str, head_file: str) -> AsyncAuditStore:
         if url not in self.stores:
-            self.stores[url] = AsyncAuditStore(url)
+            self.stores[url] = AsyncAuditStore(url, key_file=key_file, head_file=head_file)
         return self.stores[url]
 
 
@@ -306,6 +308,18 @@ class GPUSpawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    max_user_options_bytes = Int(
+        userinput.DEFAULT_MAX_OPTIONS_BYTES,
+        help="""
+        The largest server options a user may send, in bytes of JSON: the spawn form's fields,
+        or the ``user_options`` of a REST API request (``POST /hub/api/users/<name>/servers/<server>``).
+        Larger options are refused with HTTP 400 before the spawn is recorded, so they reach
+        neither the audit records (which are sealed and never deleted) nor the container.
+        ``{"profile": "<slug>"}`` takes under 100 bytes; raise this only for a custom form that
+        sends more. From 256 to 1048576 (1 MiB). Example: ``c.GPUSpawner.max_user_options_bytes = 8192``.
+        """,
+    ).tag(config=True)
+
     max_gpus_per_user = Int(
         None,
         allow_none=True,
@@ -354,6 +368,48 @@ class GPUSpawner(DockerSpawner):
         ``gpuspawner-audit.sqlite`` beside the hub's own SQLite database (or in the hub's
         folder). The ``gpuspawner audit`` commands find it from ``jupyterhub_config.py``.
         Example: ``c.GPUSpawner.audit_db_url = "sqlite:////srv/jupyterhub/audit.sqlite"``.
+        """,
+    ).tag(config=True)
+
+    audit_redact_names = List(
+        Unicode(),
+        [],
+        help="""
+        More environment variables whose values the audit record must not keep: names or glob
+        patterns (``*``, ``?``, ``[...]``), compared in any case.
+
+        The record already keeps no value of a variable whose name has a part such as TOKEN,
+        SECRET, PASSWORD, PASS, PWD, KEY, CREDENTIALS, AUTH, PAT, COOKIE, SESSION or PRIVATE
+        (``HF_TOKEN``, ``DB_PASSWORD``, ``GITHUB_PAT``), nor the password of a URL in any value
+        (``postgresql://u:<redacted>@db/x``); the hub's own ``JUPYTERHUB_*`` variables are left
+        out. Add here what those rules cannot guess. A redacted variable stays in the record by
+        name with the value ``<redacted>``, and ``gpuspawner reproduce`` passes it as
+        ``-e NAME``, to be set in the shell that runs the command.
+        Example: ``c.GPUSpawner.audit_redact_names = ["LICENSE_SERVER", "MYCORP_*"]``.
+        """,
+    ).tag(config=True)
+
+    audit_key_file = Unicode(
+        "",
+        help="""
+        The secret that seals the audit records (HMAC-SHA256): someone who can write the audit
+        database but not read this file can neither change a record nor forge one unseen. The
+        hub creates it (mode 0600) on first start; back it up with the hub's other secrets and
+        keep it off the database server. ``gpuspawner audit verify`` needs it. Default:
+        ``gpuspawner-audit.key`` in the hub's data folder (beside its SQLite database).
+        Example: ``c.GPUSpawner.audit_key_file = "/srv/jupyterhub/secrets/audit.key"``.
+        """,
+    ).tag(config=True)
+
+    audit_head_file = Unicode(
+        "",
+        help="""
+        Where the hub keeps the audit chain's head (the newest sealed record's number and seal,
+        and how many records were opened) outside the database, updated with every record: so
+        deleting the newest records is seen. ``gpuspawner audit verify`` prints the head; keep a
+        copy elsewhere (a log, a ticket) to check a store against later with ``--expect-head``.
+        Default: ``gpuspawner-audit.head`` beside the sealing key.
+        Example: ``c.GPUSpawner.audit_head_file = "/srv/jupyterhub/secrets/audit.head"``.
         """,
     ).tag(config=True)
 
@@ -416,6 +472,14 @@ class GPUSpawner(DockerSpawner):
     def _default_audit_db_url(self) -> str:
         return default_audit_url(_hub_db_url() or "sqlite:///jupyterhub.sqlite", cwd=os.getcwd())
 
+    @default("audit_key_file")
+    def _default_audit_key_file(self) -> str:
+        return str(_data_folder(_hub_db_url()) / AUDIT_KEY_FILE)
+
+    @default("audit_head_file")
+    def _default_audit_head_file(self) -> str:
+        return str(Path(self.audit_key_file).with_name(AUDIT_HEAD_FILE))
+
     @default("hub_id")
     def _default_hub_id(self) -> str:
         if _hub.hub_id is None:
@@ -437,6 +501,11 @@ class GPUSpawner(DockerSpawner):
         _trait_check(settings.parse_seconds, proposal.value, f"GPUSpawner.{proposal.trait.name}")
         return float(proposal.value)
 
+    @validate("max_user_options_bytes")
+    def _check_max_user_options_bytes(self, proposal: Any) -> int:
+        _trait_check(userinput.parse_max_options_bytes, proposal.value, "GPUSpawner.max_user_options_bytes")
+        return int(proposal.value)
+
     @validate("profiles")
     def _check_profiles(self, proposal: Any) -> Any:
         if not callable(proposal.value):
@@ -445,6 +514,11 @@ class GPUSpawner(DockerSpawner):
                 proposal.value,
                 "GPUSpawner.profiles",
             )
+        return proposal.value
+
+    @validate("audit_redact_names")
+    def _check_audit_redact_names(self, proposal: Any) -> Any:
+        _trait_check(audit.parse_redact_names, proposal.value, "GPUSpawner.audit_redact_names")
         return proposal.value
 
     @validate("extra_host_config")
@@ -622,6 +696,7 @@ class GPUSpawner(DockerSpawner):
             self.image, self.mem_limit, self.cpu_limit = base["image"], base["mem_limit"], base["cpu_limit"]
 
     def run_options_from_form(self, form_data: dict[str, list[str]]) -> Any:
+        self._check_options_size(form_data)
         if not self.profiles:
             return super().run_options_from_form(form_data)
         try:
@@ -631,6 +706,16 @@ class GPUSpawner(DockerSpawner):
 
     def options_from_query(self, query_data: dict[str, list[str]]) -> Any:
         return self.run_options_from_form(query_data)
+
+    def _check_options_size(self, options: Any) -> None:
+        """Refuse (HTTP 400) options past max_user_options_bytes, before anything records them."""
+        try:
+            userinput.check_options_size(options, max_bytes=self.max_user_options_bytes)
+        except userinput.OptionsError as e:
+            self.log.warning(
+                "Refused to start %s: its options are over %d bytes", self._log_name, self.max_user_options_bytes
+            )
+            raise web.HTTPError(e.status, e.message) from None
 
     async def get_options_form(self) -> str:
         """The profile chooser with live availability; DockerSpawner's form without profiles."""
@@ -723,21 +808,31 @@ class GPUSpawner(DockerSpawner):
             await asyncio.sleep(min(WAIT_POLL_SECONDS, remaining))
 
     async def _replace_kept_container_if_changed(self) -> None:
-        """A kept container (remove = False) is reused only if made from exactly this spawn's settings.
+        """Deal with a container this server already has before this spawn makes its own.
 
-        Its label ``gpuspawner.settings`` hashes the image, limits, environment, devices and
-        profile it was created from; any difference (a new image, a revoked profile, other
-        GPUs) and it is replaced by a new container.
+        A kept container (remove = False) is reused only if made from exactly this spawn's
+        settings: its label ``gpuspawner.settings`` hashes the image, limits, environment,
+        devices and profile it was created from; any difference (a new image, a revoked
+        profile, other GPUs) and it is replaced by a new container. With remove = True any
+        leftover container goes. A leftover from a spawn the hub lost track of (it was killed
+        mid-spawn) has an open record: it ends here, with the container, not a reconciliation later.
         """
-        if self.remove:  # DockerSpawner removes any leftover container itself
-            return
         obj = await self.get_object()
         if obj is None:
             return
-        if (obj["Config"].get("Labels") or {}).get(labels.SETTINGS) != self._settings_hash:
+        container_labels = obj["Config"].get("Labels") or {}
+        if not self.remove and container_labels.get(labels.SETTINGS) == self._settings_hash:
+            return
+        if not self.remove:
             self.log.info("Recreating %s for %s: its settings changed", self.object_name, self._log_name)
-            await self.stop_object()
-            await self.remove_object()
+        await self.stop_object()
+        await self.remove_object()
+        old_record = container_labels.get(labels.RECORD, "")
+        if old_record and old_record != self.audit_record_id:
+            await close_record(
+                self.audit_store(), old_record, self.log, outcome="abandoned", error=reconcile.REPLACED,
+                stopped_at=seams.now_iso(), container_id=obj["Id"], container_name=obj.get("Name", "").lstrip("/") or None,
+            )
 
     # --- Images ------------------------------------------------------------------------------
 
@@ -797,7 +892,7 @@ class GPUSpawner(DockerSpawner):
     # --- Audit -------------------------------------------------------------------------------
 
     def audit_store(self) -> AsyncAuditStore:
-        return _hub.audit(self.audit_db_url)
+        return _hub.audit(self.audit_db_url, key_file=self.audit_key_file, head_file=self.audit_head_file)
 
     def _audit_update(self, **changes: Any) -> None:
         """Queue a change to this spawn's record; the spawn goes on while the audit thread writes it.
@@ -855,6 +950,16 @@ class GPUSpawner(DockerSpawner):
         """
         self._progress_events = []
         self._spawn_image = None
+        # Before the record: options too large to keep are refused, and this attempt leaves no
+        # record behind (it decided nothing, and sealed records can never be deleted).
+        self.audit_record_id = ""
+        try:
+            self._check_options_size(self.user_options)
+        except web.HTTPError:
+            # JupyterHub saved them as this server's options for its next start; refused ones are not kept.
+            if getattr(self, "orm_spawner", None) is not None:
+                self.orm_spawner.user_options = {}
+            raise
         record = audit.AuditRecord(
             id=seams.new_record_id(), hub_id=self.hub_id, user=self.user.name, server=self.name or "",
             requested_at=seams.now_iso(), hostname=socket.gethostname(), gpuspawner_version=__version__,
@@ -910,8 +1015,8 @@ class GPUSpawner(DockerSpawner):
         request = self._use_profile(profile)
         image_option = (self.user_options or {}).get("image") if profile is None else None
         if image_option:  # DockerSpawner's allowed_images: resolved here, before it is recorded and pinned
-            self.image = await super().check_allowed(image_option)
-        environment = audit.without_secrets(self._configured_environment())
+            self.image = await self._allowed_image_option(image_option)
+        environment = audit.without_secrets(self._configured_environment(), extra_names=self.audit_redact_names)
         profile_hash = audit.content_hash(profiles.profile_config(profile)) if profile else None
         self._audit_update(
             profile=profile.slug if profile else None,
@@ -990,6 +1095,19 @@ class GPUSpawner(DockerSpawner):
         except Exception:
             self.log.exception("Could not make sure the container of %s's failed spawn is gone", self._log_name)
             return False
+
+    async def _allowed_image_option(self, image: Any) -> str:
+        """DockerSpawner's check of a user's ``image`` option, quoting only a prefix of a refused name."""
+        if not isinstance(image, str):
+            raise web.HTTPError(400, f"'image' is {userinput.quote(image)}; it must be the name of an allowed image.")
+        try:
+            allowed: str = await super().check_allowed(image)
+        except web.HTTPError as e:
+            head = f"Image {image} "
+            if e.log_message and e.log_message.startswith(head):
+                raise web.HTTPError(e.status_code, f"Image {userinput.quote(image)} {e.log_message[len(head):]}") from None
+            raise
+        return allowed
 
     def _configured_environment(self) -> dict[str, str]:
         env = {k: v for k, v in (self.environment or {}).items() if isinstance(v, str)}
@@ -1076,11 +1194,12 @@ class GPUSpawner(DockerSpawner):
 
 
 def _error_text(e: BaseException) -> str:
+    """Why a spawn failed, for its record: clipped, since a record can never shrink once sealed."""
     if isinstance(e, web.HTTPError):
-        return f"HTTP {e.status_code}: {e.log_message}"
+        return userinput.clip(f"HTTP {e.status_code}: {e.log_message}")
     if isinstance(e, asyncio.CancelledError):
         return "the spawn was cancelled (timed out, or the hub stopped it)"
-    return f"{type(e).__name__}: {e}"
+    return userinput.clip(f"{type(e).__name__}: {e}")
 
 
 def _bytes_or_none(value: Any) -> int | None:
@@ -1122,6 +1241,8 @@ def check_config(config: Config, cls: type = GPUSpawner) -> None:
         ("GPUSpawner", "nvml_cache_seconds", settings.parse_seconds),
         ("GPUSpawner", "docker_threads", settings.parse_threads),
         ("GPUSpawner", "pull_threads", settings.parse_threads),
+        ("GPUSpawner", "audit_redact_names", audit.parse_redact_names),
+        ("GPUSpawner", "max_user_options_bytes", userinput.parse_max_options_bytes),
         ("DockerSpawner", "extra_host_config", settings.check_extra_host_config),
     ]
     for owner, name, parse in checks:
@@ -1192,17 +1313,22 @@ class HubSettings:
     hub_id: str
     audit_db_url: str
     busy_memory_threshold: int
+    audit_key_file: str
+    audit_head_file: str
 
 
 def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
-    """hub_id, the audit database and the busy threshold, from the hub's configuration."""
+    """hub_id, the audit database and its key files, and the busy threshold, from the hub's configuration."""
     db_url = _hub_db_url() or "sqlite:///jupyterhub.sqlite"
+    key_file = config_value(config, "audit_key_file", fallback="") or str(_data_folder(db_url) / AUDIT_KEY_FILE)
     return HubSettings(
         hub_id=hub_id or config_value(config, "hub_id", fallback="") or stored_hub_id(db_url, create=False),
         audit_db_url=config_value(config, "audit_db_url", fallback="") or default_audit_url(db_url, cwd=os.getcwd()),
         busy_memory_threshold=settings.parse_bytes(
             config_value(config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
         ),
+        audit_key_file=key_file,
+        audit_head_file=config_value(config, "audit_head_file", fallback="") or str(Path(key_file).with_name(AUDIT_HEAD_FILE)),
     )
 
 
@@ -1286,14 +1412,16 @@ async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
         except docker.errors.NotFound:
             pass
         if c.record_id:
+            # the hub may have died before the record learnt its container's id: say which it was
             await close_record(store, c.record_id, log, outcome="abandoned", error=reconcile.ORPHAN_STOPPED,
-                               stopped_at=seams.now_iso())
+                               stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name)
     for c in todo.ended:
         try:
             info = await caretaker.docker("inspect_container", c.id)
         except docker.errors.NotFound:
             info = None
-        await close_record(store, c.record_id, log, stopped_at=seams.now_iso(), **reconcile.ended_container_changes(info))
+        await close_record(store, c.record_id, log, stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name,
+                           **reconcile.ended_container_changes(info))
     for c in todo.remove:
         try:
             await caretaker.docker("remove_container", c.id, force=True, v=True)

@@ -25,19 +25,24 @@ the database refused for now until it can be made (:meth:`AsyncAuditStore.finish
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from . import audit
+from . import audit, seams
 from .audit import AuditRecord, Verification
+from .times import stored_time
 
 T = TypeVar("T")
 
@@ -58,6 +63,18 @@ records_table = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=True),
     sa.Column("hash", sa.String(64), nullable=True),
+    # the opening seal: the record's number among all records written, and its MAC
+    sa.Column("opened", sa.Integer, nullable=True),
+    sa.Column("open_mac", sa.String(64), nullable=True),
+    sa.Index("ix_gpuspawner_audit_opened", "opened", unique=True),
+)
+# The store's own facts, each under the sealing key's MAC: "sealing" says which key seals the
+# store since when, and where the records sealed before it end.
+meta_table = sa.Table(
+    "gpuspawner_audit_meta",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
 )
 
 # Any constant will do: every process sealing into this database takes the same lock.
@@ -65,6 +82,10 @@ _SEQ_LOCK_KEY = 0x67707573_61756469  # "gpusaudi"
 
 class AuditStoreError(Exception):
     """The audit database refused an operation; the message says which record and why."""
+
+
+class AuditStoreMissing(AuditStoreError):
+    """There is no audit store (or no sealing key) where the configuration says."""
 
 
 class AuditRecordSealed(AuditStoreError):
@@ -150,7 +171,11 @@ def _reason(error: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Filters:
-    """Which records to export; times are ISO 8601 strings compared with requested_at."""
+    """Which records to export.
+
+    ``since`` and ``until`` are ISO 8601 text in any zone (none: UTC), as :func:`gpuspawner.times.parse_time`
+    reads it; they are compared as times. A value that is not a time raises :class:`gpuspawner.times.TimeError`.
+    """
 
     since: str | None = None
     until: str | None = None
@@ -182,6 +207,75 @@ def _columns(record: AuditRecord) -> dict[str, Any]:
     }
 
 
+# --- The sealing key and the chain head, kept outside the database -----------------------------
+
+
+def load_key(path: str | os.PathLike[str], *, create: bool = False) -> bytes:
+    """The hub's sealing key: 32 random bytes, as hex, in a file only its owner reads.
+
+    ``create``: make it (mode 0600) if it is missing; the hub does on first start. Anyone else
+    (``verify``) needs the hub's key and gets :class:`AuditStoreMissing` without it.
+    """
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise AuditStoreMissing(
+                f"no audit sealing key at {path}: the hub creates it on first start "
+                "(GPUSpawner.audit_key_file); verify needs the hub's key"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it a moment ago: use theirs
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.info("Created the audit sealing key %s (mode 0600); back it up with the hub's other secrets", path)
+    try:
+        text = path.read_text().strip()
+        key = bytes.fromhex(text)
+    except (OSError, ValueError) as e:
+        raise AuditStoreError(f"cannot read the audit sealing key {path}: {e}") from None
+    if len(key) < 32:
+        raise AuditStoreError(f"the audit sealing key {path} is not a gpuspawner key (64 hex digits expected)")
+    if path.stat().st_mode & 0o077:
+        log.warning("The audit sealing key %s can be read by others than its owner: chmod 600 it", path)
+    return key
+
+
+def read_head(path: str | os.PathLike[str]) -> audit.ChainHead | None:
+    """The chain head kept in `path`, or None if there is none."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return audit.ChainHead(int(data["seq"]), str(data["hash"]), int(data.get("opened", 0)))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AuditStoreError(f"cannot read the audit chain head {path}: {e}") from None
+
+
+def advance_head(path: str | os.PathLike[str], head: audit.ChainHead) -> audit.ChainHead:
+    """Move the head kept in `path` forward to `head` (never back), atomically, across processes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_head(path)
+        newest = current.advanced(head) if current else head
+        if newest == current:
+            return newest
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"seq": newest.seq, "hash": newest.hash, "opened": newest.opened}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return newest
+
+
 def _sqlite_setup(lock_wait_ms: int) -> Callable[[Any, Any], None]:
     def connect(dbapi_connection: Any, _record: Any) -> None:
         # pysqlite's own BEGIN is deferred and sent late; we send BEGIN ourselves (see _sqlite_begin).
@@ -207,14 +301,37 @@ def _sqlite_begin(conn: sa.Connection) -> None:
 class AuditStore:
     """Blocking access to the audit table. Create it once per process and share it.
 
+    ``key``: the sealing key (:func:`load_key`); a store without one reads and exports but
+    cannot write. ``head_file``: where the chain head is kept outside the database; every
+    insert and seal moves it forward. ``create``: make the tables if they are missing (the
+    hub); without it a missing store is :class:`AuditStoreMissing`, never a new empty one.
+    A hub opening a store that has no sealing key yet (one written by gpuspawner 0.1) takes it
+    over: it records the switch, numbers the records already there and seals from then on with
+    the key, so the old records stay checkable and held fast by the new ones.
+
     ``retry`` says how each write tries again through transient errors; ``lock_wait`` is how
     long one try waits for another writer's lock (SQLite busy_timeout, PostgreSQL lock_timeout).
     """
 
-    def __init__(self, url: str, *, retry: RetryPolicy = RetryPolicy(), lock_wait: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: bytes | None = None,
+        head_file: str | os.PathLike[str] | None = None,
+        create: bool = True,
+        retry: RetryPolicy = RetryPolicy(),
+        lock_wait: float = 2.0,
+    ) -> None:
         self.url = url
         self.retry = retry
-        backend = sa.engine.make_url(url).get_backend_name()
+        self.key = key
+        self.head_file = Path(head_file) if head_file else None
+        parsed = sa.engine.make_url(url)
+        backend = parsed.get_backend_name()
+        if backend == "sqlite" and not create and parsed.database not in (None, "", ":memory:"):
+            if not Path(parsed.database or "").exists():
+                raise AuditStoreMissing(f"no audit store at {parsed.database}")
         options: dict[str, Any] = {}
         if backend == "postgresql":
             options = {"pool_pre_ping": True, "connect_args": {"options": f"-c lock_timeout={int(lock_wait * 1000)}"}}
@@ -231,7 +348,88 @@ class AuditStore:
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._writer = self.engine.execution_options(gpuspawner_write=True)
         self._where = self.engine.url.render_as_string(hide_password=True)
-        self.transaction(lambda conn: metadata.create_all(conn), what="create the audit table")
+        if create:
+            self.transaction(self._create_or_upgrade, what="create the audit table")
+        else:
+            try:
+                with self.engine.connect() as conn:
+                    present = sa.inspect(conn).has_table(records_table.name)
+            except sa.exc.DBAPIError as e:
+                raise AuditStoreUnavailable(f"cannot read the audit database at {self._where}: {_reason(e)}", transient=is_transient(e)) from e
+            if not present:
+                raise AuditStoreMissing(f"no audit store at {self._where} (the database has no {records_table.name} table)")
+        if key is not None:
+            head = self.transaction(self._take_over, what="take over the audit store with the sealing key")
+            if head is not None:
+                self._write_head(head)
+
+    @staticmethod
+    def _create_or_upgrade(conn: sa.Connection) -> None:
+        """The tables, and the opening-seal columns on a table made by gpuspawner 0.1."""
+        columns = {c["name"] for c in sa.inspect(conn).get_columns(records_table.name)} if sa.inspect(conn).has_table(records_table.name) else None
+        if columns is not None and "opened" not in columns:
+            conn.exec_driver_sql(f"ALTER TABLE {records_table.name} ADD COLUMN opened INTEGER")
+            conn.exec_driver_sql(f"ALTER TABLE {records_table.name} ADD COLUMN open_mac VARCHAR(64)")
+        metadata.create_all(conn)
+
+    def _take_over(self, conn: sa.Connection) -> audit.ChainHead | None:
+        """Check the store is sealed with our key; a store sealed with none yet is taken over."""
+        assert self.key is not None
+        start = self._sealing_start(conn)
+        if start is not None:
+            if not start.valid_for(self.key):
+                raise AuditStoreError(
+                    f"The audit store at {self._where} is sealed with another key ({start.key_id}) than "
+                    f"this hub's ({audit.key_id(self.key)}): GPUSpawner.audit_key_file must name the key "
+                    "the store was sealed with. The hub writes no records until it does."
+                )
+            return None
+        self._lock_sequence(conn)
+        t = records_table
+        last = conn.execute(sa.select(t.c.seq, t.c.hash).where(t.c.seq.is_not(None)).order_by(t.c.seq.desc()).limit(1)).first()
+        opened = conn.execute(sa.select(sa.func.max(t.c.opened))).scalar() or 0
+        unnumbered = conn.execute(
+            sa.select(t.c.id, t.c.hub_id, t.c.user, t.c.server, t.c.requested_at)
+            .where(t.c.opened.is_(None)).order_by(t.c.requested_at, t.c.id)
+        ).all()
+        for row in unnumbered:
+            opened += 1
+            conn.execute(t.update().where(t.c.id == row.id).values(
+                opened=opened, open_mac=audit.opening_digest(key=self.key, opened=opened, opening=audit.opening_json(dict(row._mapping))),
+            ))
+        start = audit.SealingStart(
+            key_id=audit.key_id(self.key), introduced_at=seams.now_iso(),
+            legacy_sealed=last.seq if last else 0, legacy_head=last.hash if last else audit.GENESIS,
+            opened_before=len(unnumbered),
+        ).signed(self.key)
+        conn.execute(meta_table.insert().values(name="sealing", value=start.to_json()))
+        if last or unnumbered:
+            log.warning(
+                "Audit store %s taken over with sealing key %s: %d sealed record(s) before it stay checkable as "
+                "plain SHA-256, %d record(s) numbered", self._where, start.key_id, start.legacy_sealed, len(unnumbered),
+            )
+        return audit.ChainHead(start.legacy_sealed, start.legacy_head, opened)
+
+    def _sealing_start(self, conn: sa.Connection) -> audit.SealingStart | None:
+        value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.name == "sealing")).scalar()
+        if value is None:
+            return None
+        try:
+            return audit.SealingStart.from_json(value)
+        except (ValueError, KeyError, TypeError):
+            return audit.SealingStart(key_id="unreadable", introduced_at="")
+
+    def _write_head(self, head: audit.ChainHead) -> None:
+        if self.head_file is not None:
+            try:
+                advance_head(self.head_file, head)
+            except OSError as e:
+                log.error("Could not move the audit chain head %s forward to %s: %s", self.head_file, head.text(), e)
+
+    def _require_key(self) -> bytes:
+        if self.key is None:
+            raise AuditStoreError("this audit store was opened without the sealing key, so it cannot write records")
+        return self.key
 
     def transaction(self, work: Callable[[sa.Connection], T], *, what: str, policy: RetryPolicy | None = None) -> T:
         """Run ``work`` in one write transaction, again from the start after a transient error.
@@ -267,10 +465,19 @@ class AuditStore:
                 time.sleep(delay)
 
     def insert(self, record: AuditRecord) -> None:
-        self.transaction(
-            lambda conn: conn.execute(records_table.insert().values(**_columns(record))),
-            what=f"write audit record {record.id}",
-        )
+        """Write a new, open record with its opening seal (the next opening number)."""
+        key = self._require_key()
+
+        def work(conn: sa.Connection) -> int:
+            self._lock_sequence(conn)
+            opened = (conn.execute(sa.select(sa.func.max(records_table.c.opened))).scalar() or 0) + 1
+            columns = _columns(record)
+            mac = audit.opening_digest(key=key, opened=opened, opening=audit.opening_json(columns))
+            conn.execute(records_table.insert().values(**columns, opened=opened, open_mac=mac))
+            return opened
+
+        opened = self.transaction(work, what=f"write audit record {record.id}")
+        self._write_head(audit.ChainHead(opened=opened))
 
     def get(self, record_id: str) -> AuditRecord | None:
         with self.engine.connect() as conn:
@@ -307,11 +514,17 @@ class AuditStore:
                 .order_by(records_table.c.seq.desc())
                 .limit(1)
             ).first()
-            sealed = audit.seal(record, seq=(last.seq + 1) if last else 1, prev_hash=last.hash if last else audit.GENESIS)
+            sealed = audit.seal(
+                record, seq=(last.seq + 1) if last else 1, prev_hash=last.hash if last else audit.GENESIS, key=key
+            )
             self._write_open(conn, sealed)
             return sealed
 
-        return self.transaction(work, what=f"seal audit record {record_id}", policy=policy)
+        key = self._require_key()
+        sealed = self.transaction(work, what=f"seal audit record {record_id}", policy=policy)
+        assert sealed.seq is not None and sealed.hash is not None
+        self._write_head(audit.ChainHead(sealed.seq, sealed.hash))
+        return sealed
 
     def _lock_sequence(self, conn: sa.Connection) -> None:
         # SQLite: BEGIN IMMEDIATE took the database's write lock already. PostgreSQL: readers
@@ -347,9 +560,9 @@ class AuditStore:
         t = records_table
         conditions = []
         if filters.since:
-            conditions.append(t.c.requested_at >= filters.since)
+            conditions.append(t.c.requested_at >= stored_time(filters.since, where="since"))
         if filters.until:
-            conditions.append(t.c.requested_at < filters.until)
+            conditions.append(t.c.requested_at < stored_time(filters.until, where="until"))
         if filters.user:
             conditions.append(t.c.user == filters.user)
         if filters.profile:
@@ -390,8 +603,42 @@ class AuditStore:
                 return
             after = rows[-1].seq
 
-    def verify(self) -> Verification:
-        return audit.verify_chain(self.iter_sealed())
+    def iter_opened(self, *, batch: int = 5000) -> Iterator[audit.OpenedEntry]:
+        """Every record in opening order, then those without an opening number, streamed."""
+        t = records_table
+        columns = (t.c.id, t.c.opened, t.c.open_mac, t.c.seq, t.c.hash, *(t.c[name] for name in _FILTER_COLUMNS[1:]), t.c.data)
+
+        def entry(row: Any) -> audit.OpenedEntry:
+            opening = audit.opening_json(dict(row._mapping))
+            if not _columns_agree(row):  # the filter columns were changed: cannot match its seal
+                opening = "columns changed: " + opening
+            return audit.OpenedEntry(row.id, row.opened, row.open_mac, opening, row.seq, row.hash)
+
+        after = 0
+        while True:
+            query = sa.select(*columns).where(t.c.opened > after).order_by(t.c.opened).limit(batch)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            yield from (entry(row) for row in rows)
+            if len(rows) < batch:
+                break
+            after = rows[-1].opened
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(*columns).where(t.c.opened.is_(None)).order_by(t.c.id)).all()
+        yield from (entry(row) for row in rows)
+
+    def verify(self, *, key: bytes | None = None, expected_head: tuple[int, str] | None = None) -> Verification:
+        """Check every record against `key` (the store's own by default), the head kept outside
+        the database (where the store has a head file) and `expected_head`."""
+        key = key or self._require_key()
+        with self.engine.connect() as conn:
+            start = self._sealing_start(conn)
+        head = read_head(self.head_file) if self.head_file else None
+        return audit.verify_store(
+            key=key, start=start, sealed=self.iter_sealed(), opened=self.iter_opened(),
+            head_file=head, head_file_name=str(self.head_file or ""), expected_head=expected_head,
+            head_required=self.head_file is not None,
+        )
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -410,6 +657,8 @@ class AsyncAuditStore:
         self,
         url: str,
         *,
+        key_file: str | os.PathLike[str] | None = None,
+        head_file: str | os.PathLike[str] | None = None,
         retry: RetryPolicy = RetryPolicy(),
         lock_wait: float = 2.0,
         retry_later: tuple[float, float] = (5.0, 60.0),
@@ -417,6 +666,8 @@ class AsyncAuditStore:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gpuspawner-audit")
         self._store: AuditStore | None = None
         self.url = url
+        self.key_file = key_file
+        self.head_file = head_file
         self._retry = retry
         self._lock_wait = lock_wait
         self._retry_later = retry_later
@@ -426,7 +677,8 @@ class AsyncAuditStore:
 
     def _sync(self) -> AuditStore:
         if self._store is None:
-            self._store = AuditStore(self.url, retry=self._retry, lock_wait=self._lock_wait)
+            key = load_key(self.key_file, create=True) if self.key_file else None
+            self._store = AuditStore(self.url, key=key, head_file=self.head_file, retry=self._retry, lock_wait=self._lock_wait)
         return self._store
 
     def submit(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gpuspawner"
-PURE = ["allocation.py", "audit.py", "claims.py", "devices.py", "export.py", "images.py", "injection.py", "labels.py", "profiles.py", "reconcile.py", "settings.py"]
+PURE = ["allocation.py", "audit.py", "claims.py", "devices.py", "export.py", "images.py", "injection.py", "labels.py", "profiles.py", "reconcile.py", "settings.py", "times.py", "userinput.py"]
 IO_LIBRARIES = {"docker", "dockerspawner", "pynvml", "jupyterhub", "tornado", "sqlalchemy", "requests"}
 
 

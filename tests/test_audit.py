@@ -1,16 +1,15 @@
-"""Audit records: sealed into a hash chain; exported as CSV, JSONL and RO-Crate; reproduced."""
+"""Audit records: sealed into a hash chain. (Exports and redaction: tests/test_export.py.)"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import replace
 
 import pytest
 
-from gpuspawner.audit import GENESIS, AuditRecord, RecordedDevice, seal, verify_chain, without_secrets
-from gpuspawner.export import csv_lines, jsonl_lines, reproduce_command, ro_crate_chunks
+from gpuspawner.audit import (
+    GENESIS, AuditRecord, ChainHead, OpenedEntry, RecordedDevice, SealingStart, Verification, canonical_json, key_id,
+    opening_digest, opening_json, parse_head, seal, seal_digest, verify_chain, verify_store,
+)
 
 DIGEST = "sha256:" + "c" * 64
 
@@ -28,99 +27,174 @@ def record(n: int, **kw: object) -> AuditRecord:
     return AuditRecord(**fields)
 
 
-def chain(n: int) -> list[AuditRecord]:
+KEY = bytes(range(32))
+
+
+def chain(n: int, *, key: bytes = KEY) -> list[AuditRecord]:
     sealed, prev = [], GENESIS
     for i in range(1, n + 1):
-        r = seal(record(i), seq=i, prev_hash=prev)
+        r = seal(record(i), seq=i, prev_hash=prev, key=key)
         sealed.append(r)
         prev = r.hash
     return sealed
 
 
 def test_an_intact_chain_verifies() -> None:
-    result = verify_chain(chain(5))
+    result = verify_chain(chain(5), key=KEY)
     assert result.ok and result.checked == 5
-    assert result.message() == "OK: 5 sealed records, chain intact."
+    assert result.message().splitlines()[0] == "OK: 5 sealed records, 0 open; chain intact."
 
 
 @pytest.mark.parametrize(
-    ("tamper", "first_bad", "reason"),
+    ("tamper", "problems"),
     [
-        (lambda rs: rs.__setitem__(2, replace(rs[2], image_id="sha256:" + "e" * 64)), "r3", "its content does not match its seal"),
-        (lambda rs: rs.__setitem__(2, replace(rs[2], user="mallory")), "r3", "its content does not match its seal"),
-        (lambda rs: rs.__setitem__(1, replace(rs[1], outcome="failed")), "r2", "its content does not match its seal"),
-        (lambda rs: rs.__delitem__(1), "r3", "sequence number 3, expected 2"),
-        (lambda rs: rs.insert(1, rs.pop(2)), "r3", "sequence number 3, expected 2"),
+        (lambda rs: rs.__setitem__(2, replace(rs[2], image_id="sha256:" + "e" * 64)), ["record r3 (#3): its content does not match its seal"]),
+        (lambda rs: rs.__setitem__(2, replace(rs[2], user="mallory")), ["record r3 (#3): its content does not match its seal"]),
+        (lambda rs: rs.__setitem__(1, replace(rs[1], outcome="failed")), ["record r2 (#2): its content does not match its seal"]),
+        (lambda rs: rs.__delitem__(1), ["sealed record #2 is missing (deleted)"]),
+        (lambda rs: rs.__delitem__(slice(1, 3)), ["sealed records #2-#3 are missing (deleted)"]),
     ],
-    ids=["image-changed", "user-changed", "outcome-changed", "record-deleted", "order-swapped"],
+    ids=["image-changed", "user-changed", "outcome-changed", "record-deleted", "two-deleted"],
 )
-def test_verify_names_the_first_record_whose_content_or_order_changed(tamper, first_bad: str, reason: str) -> None:
+def test_verify_names_every_record_whose_content_changed_or_that_is_gone(tamper, problems: list[str]) -> None:
     records = chain(5)
     tamper(records)
-    result = verify_chain(records)
-    assert (result.ok, result.first_bad, result.reason) == (False, first_bad, reason)
+    result = verify_chain(records, key=KEY)
+    assert (result.ok, list(result.problems)) == (False, problems)
 
 
-def test_a_resealed_record_still_breaks_the_link_of_the_next() -> None:
+def test_a_record_resealed_without_the_key_is_caught() -> None:
+    """Plain SHA-256, as gpuspawner 0.1 sealed: anyone who can write the database can compute it."""
+    records = chain(3)
+    forged = replace(records[1], user="mallory")
+    content = canonical_json(forged.content())
+    records[1] = replace(forged, hash=seal_digest(seq=2, prev_hash=records[0].hash, content_json=content, key=None))
+    assert verify_chain(records, key=KEY).problems == (
+        "record r2 (#2): its content does not match its seal",
+        "record r3 (#3): its link to the previous sealed record does not match",
+    )
+
+
+def test_a_chain_resealed_with_another_key_fails_with_the_hubs() -> None:
+    result = verify_chain(chain(3, key=b"m" * 32), key=KEY)
+    assert not result.ok and len(result.problems) == 3
+
+
+def test_a_record_resealed_with_the_key_still_breaks_the_link_of_the_next() -> None:
     records = chain(4)
-    forged = seal(replace(records[1], user="mallory", seq=None, prev_hash=None, hash=None), seq=2, prev_hash=records[0].hash)
+    forged = seal(replace(records[1], user="mallory", seq=None, prev_hash=None, hash=None), seq=2, prev_hash=records[0].hash, key=KEY)
     records[1] = forged
-    result = verify_chain(records)
-    assert (result.first_bad, result.reason) == ("r3", "its link to the previous record does not match")
+    result = verify_chain(records, key=KEY)
+    assert result.problems == ("record r3 (#3): its link to the previous sealed record does not match",)
+
+
+def _opened(records: list[AuditRecord], *, key: bytes = KEY) -> list[OpenedEntry]:
+    out = []
+    for n, r in enumerate(records, 1):
+        opening = opening_json(r.content())
+        out.append(OpenedEntry(r.id, n, opening_digest(key=key, opened=n, opening=opening), opening, r.seq, r.hash))
+    return out
+
+
+def _store(records: list[AuditRecord], opened: list[OpenedEntry], **kw: object) -> Verification:
+    start = SealingStart(key_id=key_id(KEY), introduced_at="2026-12-01T00:00:00+00:00").signed(KEY)
+    sealed = [r for r in records if r.sealed]
+    last = sealed[-1] if sealed else None
+    numbered = sum(1 for o in opened if o.opened)
+    kw.setdefault("head_file", ChainHead(last.seq if last else 0, last.hash if last else GENESIS, numbered))
+    return verify_store(key=KEY, start=start, sealed=sealed, opened=opened, **kw)
+
+
+def test_a_whole_store_verifies_and_names_its_head() -> None:
+    records = chain(3) + [record(4, outcome="running")]
+    result = _store(records, _opened(records))
+    assert result.ok, result.problems
+    lines = result.message().splitlines()
+    assert lines[0] == "OK: 3 sealed records, 1 open; chain intact."
+    assert lines[1] == f"Head: 3:{records[2].hash} (4 records opened)"
+    assert lines[2] == f"Sealing key {key_id(KEY)}, used since 2026-12-01T00:00:00+00:00."
+
+
+def test_the_newest_records_deleted_are_seen_against_the_head_kept_outside() -> None:
+    records = chain(5)
+    head = ChainHead(5, records[4].hash, 5)
+    kept = records[:3]
+    result = _store(kept, _opened(kept), head_file=head)
+    assert result.problems == (
+        "the store ends at sealed record #3, but the head kept outside the database is #5: records #4-#5 were deleted",
+        "the store holds records opened up to #3, but the head kept outside the database counts 5: records opened as #4-#5 were deleted",
+    )
+
+
+def test_an_open_record_deleted_leaves_a_gap_in_the_opening_numbers() -> None:
+    records = chain(2) + [record(3, outcome="running"), record(4, outcome="running")]
+    opened = _opened(records)
+    del opened[2]
+    assert _store(records, opened).problems == ("record opened as #3 is missing (deleted)",)
+
+
+def test_a_row_with_a_seal_but_no_number_or_no_opening_seal_is_named() -> None:
+    records = chain(2)
+    opened = _opened(records)
+    forged = replace(record(9), hash="f" * 64)
+    opened.append(OpenedEntry(forged.id, None, None, opening_json(forged.content()), None, forged.hash))
+    assert _store(records, opened).problems == (
+        "record r9 carries a seal but no sequence number: the hub did not seal it",
+        "record r9 has no opening seal: the hub did not write it",
+    )
+
+
+def test_an_expected_head_kept_elsewhere_catches_a_rewritten_chain() -> None:
+    original = chain(3)
+    rewritten = chain(3, key=b"m" * 32)  # as if re-sealed with a swapped key, head file rewritten too
+    assert _store(original, _opened(original), expected_head=(3, original[2].hash)).ok
+    result = verify_store(
+        key=b"m" * 32, start=SealingStart(key_id=key_id(b"m" * 32), introduced_at="x").signed(b"m" * 32),
+        sealed=rewritten, opened=_opened(rewritten, key=b"m" * 32), head_file=ChainHead(3, rewritten[2].hash, 3),
+        expected_head=(3, original[2].hash),
+    )
+    assert result.problems == (f"sealed record #3 is not the expected head 3:{original[2].hash[:12]}…: the chain was rewritten",)
+
+
+def test_records_sealed_before_the_key_are_checked_as_before_and_held_by_the_first_keyed_one() -> None:
+    legacy, prev = [], GENESIS
+    for i in (1, 2):
+        content = canonical_json(record(i).content())
+        digest = seal_digest(seq=i, prev_hash=prev, content_json=content, key=None)
+        legacy.append(replace(record(i), seq=i, prev_hash=prev, hash=digest))
+        prev = digest
+    keyed = seal(record(3), seq=3, prev_hash=prev, key=KEY)
+    start = SealingStart(key_id=key_id(KEY), introduced_at="x", legacy_sealed=2, legacy_head=prev).signed(KEY)
+    records = [*legacy, keyed]
+    args = dict(key=KEY, opened=_opened(records), head_file=ChainHead(3, keyed.hash, 3))
+    assert verify_store(start=start, sealed=records, **args).ok
+    # the boundary moved (to pass off keyed records as legacy ones): the start's MAC breaks
+    moved = replace(start, legacy_sealed=3)
+    assert "does not match this key" in verify_store(start=moved, sealed=records, **args).problems[0]
+    # the old records re-sealed consistently with SHA-256: the first keyed record's link breaks
+    changed = replace(record(2), user="mallory")
+    digest = seal_digest(seq=2, prev_hash=legacy[0].hash, content_json=canonical_json(changed.content()), key=None)
+    resealed = [legacy[0], replace(changed, seq=2, prev_hash=legacy[0].hash, hash=digest), keyed]
+    problems = verify_store(start=start, sealed=resealed, **args).problems
+    assert "record r3 (#3): its link to the previous sealed record does not match" in problems
+    assert "record r2 (#2): the records sealed before the key changed after the key took them over" in problems
+
+
+def test_a_missing_or_foreign_sealing_record_is_a_problem() -> None:
+    records = chain(1)
+    args = dict(key=KEY, sealed=records, opened=_opened(records), head_file=ChainHead(1, records[0].hash, 1))
+    assert verify_store(start=None, **args).problems[0].startswith("the store has no record of its sealing key")
+    other = SealingStart(key_id=key_id(b"m" * 32), introduced_at="x").signed(b"m" * 32)
+    assert "does not match this key" in verify_store(start=other, **args).problems[0]
+
+
+def test_a_head_is_written_and_read_as_seq_colon_hash() -> None:
+    assert parse_head(f"12:{'AB' * 32}") == (12, "ab" * 32)
+    with pytest.raises(ValueError, match="expected SEQ:HASH"):
+        parse_head("12")
+    assert ChainHead(3, "a" * 64, 4).advanced(ChainHead(2, "b" * 64, 7)) == ChainHead(3, "a" * 64, 7)
 
 
 def test_only_final_records_are_sealed() -> None:
     with pytest.raises(ValueError):
-        seal(record(1, outcome="running"), seq=1, prev_hash=GENESIS)
-
-
-def test_secrets_never_leave() -> None:
-    env = {"OMP_NUM_THREADS": "8", "JUPYTERHUB_API_TOKEN": "t", "JPY_API_TOKEN": "t", "WANDB_API_KEY": "k",
-           "DB_PASSWORD": "p", "AWS_SECRET_ACCESS_KEY": "s"}
-    assert without_secrets(env) == {"OMP_NUM_THREADS": "8"}
-
-
-def test_csv_has_a_header_and_one_row_per_record() -> None:
-    rows = list(csv.DictReader(io.StringIO("".join(csv_lines(chain(3))))))
-    assert [r["id"] for r in rows] == ["r1", "r2", "r3"]
-    assert rows[0]["repo_digest"] == f"127.0.0.1:5000/lab/pytorch@{DIGEST}"
-    assert rows[0]["devices"] == "GPU-1" and rows[0]["device_models"] == "NVIDIA A100-SXM4-80GB"
-    assert rows[0]["seq"] == "1" and len(rows[0]["hash"]) == 64
-
-
-def test_jsonl_is_one_full_record_per_line() -> None:
-    lines = list(jsonl_lines(chain(2)))
-    assert len(lines) == 2
-    first = json.loads(lines[0])
-    assert first["devices"][0]["uuid"] == "GPU-1" and first["environment"] == {"OMP_NUM_THREADS": "8"}
-
-
-def test_ro_crate_follows_the_process_run_crate_profile() -> None:
-    crate = json.loads("".join(ro_crate_chunks([record(1), record(2, user="bob", outcome="failed", error="boom")])))
-    graph = {e["@id"]: e for e in crate["@graph"]}
-    assert {"@id": "https://w3id.org/ro/wfrun/process/0.5"} in graph["ro-crate-metadata.json"]["conformsTo"]
-    action = graph["#server-r2"]
-    assert action["@type"] == "CreateAction"
-    assert action["agent"] == {"@id": "#user-bob"} and graph["#user-bob"]["@type"] == "Person"
-    assert action["actionStatus"] == {"@id": "http://schema.org/FailedActionStatus"} and action["error"] == "boom"
-    assert (action["startTime"], action["endTime"]) == ("2026-11-21T10:01:02+00:00", "2026-11-21T11:00:02+00:00")
-    image = graph[action["instrument"]["@id"]]
-    assert image["@type"] == "ContainerImage"
-    assert (image["registry"], image["name"], image["tag"], image["sha256"]) == ("127.0.0.1:5000", "lab/pytorch", "2024.10", "c" * 64)
-    assert graph["#server-r1"]["instrument"] == action["instrument"]  # one image entity, shared
-
-
-def test_reproduce_is_one_docker_run_by_digest_with_the_same_gpus_limits_and_environment() -> None:
-    r = record(1, environment={"OMP_NUM_THREADS": "8", "JUPYTERHUB_API_TOKEN": "secret"},
-               devices=(RecordedDevice("GPU-1", "A100", 1), RecordedDevice("GPU-2", "A100", 1)))
-    assert reproduce_command(r) == (
-        "docker run --rm -it -p 8888:8888 --gpus 2 --cpus 8 --memory 68719476736 -e OMP_NUM_THREADS=8 "
-        f"127.0.0.1:5000/lab/pytorch@{DIGEST} jupyter server --ip=0.0.0.0 --port=8888"
-    )
-
-
-def test_reproduce_a_never_pushed_image_says_it_cannot_be_pulled() -> None:
-    r = record(1, repo_digest=None, devices=(), cpu_limit=None, mem_limit=None, environment={})
-    command = reproduce_command(r)
-    assert command.startswith("# This image was never pushed to a registry")
-    assert command.endswith(f"docker run --rm -it -p 8888:8888 {r.image_id} jupyter server --ip=0.0.0.0 --port=8888")
+        seal(record(1, outcome="running"), seq=1, prev_hash=GENESIS, key=KEY)

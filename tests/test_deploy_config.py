@@ -1,24 +1,51 @@
 """The shipped jupyterhub_config.py loads, uses GPUSpawner, and is safe by default."""
 
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from jupyterhub import orm
 from jupyterhub.app import JupyterHub
 
 from gpuspawner import GPUSpawner
 
 CONFIG = Path(__file__).resolve().parent.parent / "jupyterhub_config.py"
+ENV = ("GPUSPAWNER_IP", "GPUSPAWNER_PORT", "GPUSPAWNER_IMAGE", "GPUSPAWNER_ADMIN_USERS", "GPUSPAWNER_AUTH",
+       "GPUSPAWNER_SHARED_PASSWORD_ANYWHERE", "GPUSPAWNER_NETWORK")
 
 
 @pytest.fixture
-def hub_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JupyterHub:
-    for var in ("GPUSPAWNER_IP", "GPUSPAWNER_PORT", "GPUSPAWNER_IMAGE", "GPUSPAWNER_ADMIN_USERS"):
+def load_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """load(**env): a JupyterHub that loaded the shipped config with these GPUSPAWNER_* variables."""
+    for var in ENV:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("GPUSPAWNER_DATA_DIR", str(tmp_path / "data"))
-    app = JupyterHub()
-    app.load_config_file(str(CONFIG))
-    return app
+
+    def load(**env: str) -> JupyterHub:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        app = JupyterHub()
+        app.load_config_file(str(CONFIG))
+        return app
+
+    return load
+
+
+@pytest.fixture
+def hub_app(load_hub) -> JupyterHub:
+    return load_hub()
+
+
+def authenticator(app: JupyterHub):
+    """The configured authenticator, on a fresh in-memory hub database."""
+    return app.authenticator_class(parent=app, db=orm.new_session_factory("sqlite://")())
+
+
+def login(auth, name: str, password: str):
+    return auth.get_authenticated_user(None, {"username": name, "password": password})
 
 
 def test_config_selects_gpuspawner_by_entry_point_name(hub_app: JupyterHub) -> None:
@@ -31,36 +58,150 @@ def test_hub_listens_on_loopback_only_by_default(hub_app: JupyterHub) -> None:
     assert hub_app.hub_ip != "0.0.0.0"
 
 
-async def test_login_needs_the_generated_password(hub_app: JupyterHub, tmp_path: Path) -> None:
-    authenticator = hub_app.authenticator_class(parent=hub_app)
+# --- Login: each person their own account -------------------------------------------------------
+
+PASSWORD = "correct horse battery"
+
+
+async def test_by_default_people_sign_up_and_log_in_only_once_an_admin_authorised_them(hub_app: JupyterHub) -> None:
+    from nativeauthenticator.orm import UserInfo
+
+    auth = authenticator(hub_app)
+    assert auth.create_user("ada", PASSWORD) is not None  # the signup form
+    assert await login(auth, "ada", PASSWORD) is None  # not yet authorised
+    UserInfo.change_authorization(auth.db, "ada")  # what /hub/authorize/ada does
+    assert (await login(auth, "ada", PASSWORD))["name"] == "ada"
+    assert (await login(auth, "Ada", PASSWORD))["name"] == "ada"  # names are lowercased
+
+
+async def test_no_one_logs_in_under_another_name_or_with_a_wrong_password(hub_app: JupyterHub) -> None:
+    from nativeauthenticator.orm import UserInfo
+
+    auth = authenticator(hub_app)
+    for name, password in (("ada", PASSWORD), ("bob", "bob's own passphrase")):
+        auth.create_user(name, password)
+        UserInfo.change_authorization(auth.db, name)
+    assert await login(auth, "bob", PASSWORD) is None
+    assert await login(auth, "ada", "bob's own passphrase") is None
+    assert await login(auth, "carol", PASSWORD) is None  # never signed up
+    assert await login(auth, "ada", "") is None
+
+
+async def test_admins_from_the_environment_are_authorised_when_they_sign_up(load_hub) -> None:
+    app = load_hub(GPUSPAWNER_ADMIN_USERS="alice, bob")
+    assert app.config.Authenticator.admin_users == {"alice", "bob"}
+    auth = authenticator(app)
+    auth.create_user("alice", PASSWORD)
+    auth.create_user("eve", PASSWORD)
+    assert (await login(auth, "alice", PASSWORD))["name"] == "alice"
+    assert await login(auth, "eve", PASSWORD) is None  # an ordinary user waits for an admin
+
+
+def test_signup_asks_for_a_password_that_is_not_short_or_common(hub_app: JupyterHub) -> None:
+    auth = authenticator(hub_app)
+    assert auth.create_user("ada", "short") is None
+    assert auth.create_user("ada", "1234567890") is None
+    assert auth.create_user("ada", PASSWORD) is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [
+        ("ada", True),
+        ("ada.lovelace", True),
+        ("ada-2_b", True),
+        ("=1+2", False),  # a formula when an audit export is opened in a spreadsheet
+        ("+ada", False),
+        ("@ada", False),
+        ("1ada", False),
+        ("-ada", False),
+        ("ada lovelace", False),
+        ("ada/..", False),
+        ("ada@example.org", False),
+        ("a" * 33, False),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_user_names_are_plain(hub_app: JupyterHub, name: str, accepted: bool) -> None:
+    auth = authenticator(hub_app)
+    assert (auth.create_user(name, PASSWORD) is not None) is accepted
+    assert auth.validate_username(auth.normalize_username(name)) is accepted
+
+
+# --- Login: the shared password of `make run`'s loopback demo ------------------------------------
+
+
+async def test_the_shared_password_demo_needs_the_generated_password(load_hub, tmp_path: Path) -> None:
+    app = load_hub(GPUSPAWNER_AUTH="shared-password")
+    auth = app.authenticator_class(parent=app)
     password_file = tmp_path / "data" / "user-password"
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
     password = password_file.read_text().strip()
     assert len(password) >= 16
 
-    assert await authenticator.get_authenticated_user(None, {"username": "ada", "password": ""}) is None
-    assert await authenticator.get_authenticated_user(None, {"username": "ada", "password": "guess"}) is None
-    user = await authenticator.get_authenticated_user(None, {"username": "ada", "password": password})
-    assert user is not None and user["name"] == "ada"
+    assert await login(auth, "ada", "") is None
+    assert await login(auth, "ada", "guess") is None
+    assert await login(auth, "=1+2", password) is None  # plain names here too
+    assert (await login(auth, "ada", password))["name"] == "ada"
 
 
-def test_password_survives_restarts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GPUSPAWNER_DATA_DIR", str(tmp_path / "data"))
-    first, second = JupyterHub(), JupyterHub()
-    first.load_config_file(str(CONFIG))
-    second.load_config_file(str(CONFIG))
+@pytest.mark.parametrize("ip", ["0.0.0.0", "", "192.0.2.7", "::"])
+def test_the_shared_password_is_refused_beyond_loopback(load_hub, ip: str) -> None:
+    with pytest.raises(ValueError, match="GPUSPAWNER_AUTH=native"):
+        load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_IP=ip)
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "localhost"])
+def test_the_shared_password_is_for_loopback(load_hub, ip: str) -> None:
+    app = load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_IP=ip)
+    assert app.config.JupyterHub.authenticator_class == "shared-password"
+
+
+def test_the_shared_password_beyond_loopback_only_when_asked_for_by_name(load_hub) -> None:
+    app = load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_IP="0.0.0.0", GPUSPAWNER_SHARED_PASSWORD_ANYWHERE="1")
+    assert app.config.JupyterHub.authenticator_class == "shared-password"
+
+
+def test_an_unknown_login_kind_is_refused(load_hub) -> None:
+    with pytest.raises(ValueError, match="'native' or 'shared-password'"):
+        load_hub(GPUSPAWNER_AUTH="none")
+
+
+def test_password_survives_restarts(load_hub) -> None:
+    first = load_hub(GPUSPAWNER_AUTH="shared-password")
+    second = load_hub(GPUSPAWNER_AUTH="shared-password")
     assert first.config.SharedPasswordAuthenticator.user_password == second.config.SharedPasswordAuthenticator.user_password
 
 
-def test_admins_from_the_environment_get_their_own_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GPUSPAWNER_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("GPUSPAWNER_ADMIN_USERS", "alice, bob")
-    app = JupyterHub()
-    app.load_config_file(str(CONFIG))
+def test_admins_of_the_shared_password_demo_get_their_own_password(load_hub, tmp_path: Path) -> None:
+    app = load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_ADMIN_USERS="alice, bob")
     assert app.config.Authenticator.admin_users == {"alice", "bob"}
     admin_password = (tmp_path / "data" / "admin-password").read_text().strip()
     assert len(admin_password) >= 32
     assert admin_password != app.config.SharedPasswordAuthenticator.user_password
+
+
+# --- The audit service reads the hub's store ------------------------------------------------------
+
+
+def test_the_audit_service_started_as_jupyterhub_starts_it_reads_the_hubs_audit_database(
+    load_hub, tmp_path: Path
+) -> None:
+    data = tmp_path / "elsewhere"
+    app = load_hub(GPUSPAWNER_DATA_DIR=str(data), GPUSPAWNER_NETWORK="gpuspawner")
+    (service,) = [s for s in app.config.JupyterHub.services if s["name"] == "audit"]
+    # JupyterHub gives a managed service its `environment`, PATH and few else; the service finds
+    # its database as `gpuspawner audit` does, from the configuration file.
+    env = {**service.get("environment", {}), "PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = (
+        "import sys; from gpuspawner.cli import load_hub_settings; "
+        "print(load_hub_settings(sys.argv[1], hub_id=None).audit_db_url)"
+    )
+    out = subprocess.run(
+        [service["command"][0], "-c", script, service["command"][-1]],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert out.stdout.strip() == f"sqlite:///{data.resolve() / 'gpuspawner-audit.sqlite'}"
 
 
 # --- The shipped configuration as a lab would use it ----------------------------------------------

@@ -192,7 +192,13 @@ def test_every_spawn_failed_or_not_has_a_record_and_a_changed_record_fails_verif
     assert any("Unknown profile 'nope'" in e for e in errors) and any("No free GPU" in e for e in errors)
 
     verify = gpuspawner_cli(hub, "audit", "verify")
-    assert verify.returncode == 0 and verify.stdout.strip() == "OK: 4 sealed records, chain intact."
+    assert verify.returncode == 0 and verify.stdout.splitlines()[0] == "OK: 4 sealed records, 0 open; chain intact."
+    # the hub made its sealing key on first start, for its owner's eyes only, and keeps the
+    # chain's head beside it: the head verify prints is the one kept outside the database
+    key_file = hub.settings.workdir / "gpuspawner-audit.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    head = json.loads((hub.settings.workdir / "gpuspawner-audit.head").read_text())
+    assert f"Head: 4:{head['hash']} (4 records opened)" in verify.stdout
 
     victim = next(r for r in records if r.user == "bob")
     import sqlite3
@@ -202,7 +208,8 @@ def test_every_spawn_failed_or_not_has_a_record_and_a_changed_record_fails_verif
         db.execute("UPDATE gpuspawner_audit SET data = ? WHERE id = ?", (data.replace('"bob"', '"eve"'), victim.id))
     verify = gpuspawner_cli(hub, "audit", "verify")
     assert verify.returncode == 2
-    assert verify.stderr.startswith(f"FAILED at record {victim.id}: its content does not match its seal")
+    assert verify.stderr.startswith("FAILED: 2 problems")  # its seal, and its opening seal (who it names)
+    assert f"record {victim.id} (#{victim.seq}): its content does not match its seal" in verify.stderr
 
 
 def test_exports_show_and_reproduce(start_hub: Callable[..., RunningHub], singleuser_image: str, tmp_path: Path) -> None:

@@ -1,15 +1,21 @@
 """The deploy kit for real: the hub image builds from a locally made base and its hub answers;
-the compose file validates."""
+the compose file validates; the compose deployment gives each person an account of their own and
+its audit page shows the hub's own records."""
 
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -63,9 +69,10 @@ def test_the_hub_image_starts_a_hub_that_answers(docker_bed: DockerBed, hub_imag
         assert "version" in info
         image = docker_bed.api.inspect_image(hub_image)
         assert image["Config"]["Labels"]["org.opencontainers.image.title"] == "gpuspawner hub"
-        # the shipped config ran: shared-password login, its secrets in the data volume
-        listing = container.exec_run(["ls", "/srv/jupyterhub/data"]).output.decode()
-        assert "user-password" in listing and "jupyterhub.sqlite" in listing
+        # the shipped config ran: people sign up for their own accounts; no shared password
+        assert requests.get(f"http://127.0.0.1:{port}/hub/signup", timeout=10).status_code == 200
+        listing = container.exec_run(["ls", "/srv/jupyterhub/data"]).output.decode().split()
+        assert "jupyterhub.sqlite" in listing and "user-password" not in listing
     finally:
         container.remove(force=True)
 
@@ -81,4 +88,193 @@ def test_the_compose_file_validates_and_is_safe_by_default() -> None:
     assert any(v.startswith("hub-data:/srv/jupyterhub/data") for v in hub["volumes"])
     assert hub["environment"]["GPUSPAWNER_NETWORK"] in hub["networks"]
     assert hub["build"]["dockerfile"] == "docker/hub/Dockerfile"
+    assert "GPUSPAWNER_AUTH" not in hub["environment"]  # each person's own account (the config's default)
     assert (ROOT / "docker/.env").read_text().strip() == "COMPOSE_PROJECT_NAME=gpuspawner"
+
+
+# --- The compose deployment, as an admin brings it up and people use it -------------------------
+
+
+@dataclass
+class Deployment:
+    """A compose project from docker/docker-compose.yml, up, on a throwaway port, network and volume."""
+
+    url: str
+    hub: str  # the hub's container name
+    admin: str  # its GPUSPAWNER_ADMIN_USERS
+    network: str
+    suffix: str  # in the names of this test's users, so their volumes are found and removed
+
+
+@pytest.fixture
+def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp_path: Path) -> Iterator[Deployment]:
+    """`docker-compose up` of the shipped compose file, with a test override; all of it goes afterwards."""
+    if shutil.which("docker-compose") is None:
+        unavailable("docker-compose is not installed (Debian package docker-compose)")
+    project = "gpst" + secrets.token_hex(4)
+    suffix = secrets.token_hex(3)
+    dep = Deployment(
+        url=f"http://127.0.0.1:{free_port()}", hub=project + "-hub", admin="boss" + suffix, network=project + "-net",
+        suffix=suffix,
+    )
+    # What differs from a lab's deployment: the image built here, names of this test's own.
+    override = tmp_path / "docker-compose.test.yml"
+    override.write_text(yaml.safe_dump({
+        "services": {"hub": {
+            "image": hub_image,
+            "container_name": dep.hub,
+            "environment": {"GPUSPAWNER_NETWORK": dep.network, "GPUSPAWNER_HUB_CONNECT_IP": dep.hub},
+        }},
+        "networks": {"gpuspawner": {"name": dep.network}},
+    }))
+    # Set as a lab's admin sets them: in the environment of docker-compose.
+    env = dict(os.environ, GPUSPAWNER_ADMIN_USERS=dep.admin, GPUSPAWNER_IMAGE=singleuser_image, GPUSPAWNER_IDLE_TIMEOUT="0")
+    merged = subprocess.run(
+        ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override), "config"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert merged.returncode == 0, merged.stderr
+    # An override file can only add to `ports` and cannot remove `deploy` (compose v1): this host
+    # has no NVIDIA GPU to reserve, and port 8000 may be taken.
+    config = yaml.safe_load(merged.stdout)
+    hub = config["services"]["hub"]
+    del hub["deploy"]
+    hub["ports"] = [f"127.0.0.1:{dep.url.rsplit(':', 1)[1]}:8000"]
+    resolved = tmp_path / "docker-compose.resolved.yml"
+    resolved.write_text(yaml.safe_dump(config))
+    compose = ["docker-compose", "-p", project, "-f", str(resolved)]
+    try:
+        up = subprocess.run([*compose, "up", "-d", "--no-build"], env=env, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stderr[-3000:]
+
+        def answers() -> bool:
+            try:
+                return requests.get(dep.url + "/hub/api/", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        try:
+            wait_for(answers, timeout=120, interval=0.5, what="the compose deployment's hub to answer")
+        except TimeoutError:
+            raise AssertionError(hub_logs(compose)) from None
+        yield dep
+    finally:
+        print(hub_logs(compose))  # shown when the test failed
+        # The users' containers are the hub's, not compose's: they go first, or the network stays.
+        for c in docker_bed.api.containers(all=True, filters={"network": dep.network}):
+            if c["Names"] != ["/" + dep.hub]:
+                docker_bed.api.remove_container(c["Id"], force=True)
+        subprocess.run([*compose, "down", "--volumes", "--remove-orphans", "--timeout", "5"],
+                       env=env, capture_output=True, timeout=120)
+        for v in docker_bed.api.volumes(filters={"name": dep.suffix}).get("Volumes") or []:
+            if v["Name"].startswith("gpuspawner-"):
+                docker_bed.api.remove_volume(v["Name"], force=True)
+
+
+def hub_logs(compose: list[str]) -> str:
+    out = subprocess.run([*compose, "logs", "--no-color", "--tail", "80"], capture_output=True, text=True, timeout=60)
+    return out.stdout[-6000:]
+
+
+class Person:
+    """Someone with a browser: the hub's forms and the links they follow, over HTTP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = requests.Session()
+
+    def form(self, path: str, data: dict[str, str], *, follow: bool = True) -> requests.Response:
+        """Load the page at `path`, then submit its form with `data`, as a browser would."""
+        page = self.http.get(self.url + path, timeout=30)
+        page.raise_for_status()
+        form = re.search(r'<form[^>]*?action="([^"]*)"', page.text)
+        assert form, f"no form on {path}: {page.text[-1000:]}"
+        hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page.text))
+        return self.http.post(urljoin(page.url, html.unescape(form.group(1))), data={**hidden, **data}, timeout=60,
+                              allow_redirects=follow)
+
+    def sign_up(self, name: str, password: str) -> str:
+        r = self.form("/hub/signup", {"username": name, "signup_password": password,
+                                      "signup_password_confirmation": password})
+        r.raise_for_status()
+        (message,) = re.findall(r'<div class="alert[^"]*"[^>]*>\s*(.*?)\s*</div>', r.text, re.S) or [r.text[-500:]]
+        return message
+
+    def log_in(self, name: str, password: str) -> bool:
+        r = self.form("/hub/login", {"username": name, "password": password}, follow=False)
+        return r.status_code == 302 and "jupyterhub-hub-login" in r.cookies
+
+    def api(self, method: str, path: str) -> requests.Response:
+        xsrf = self.http.cookies.get("_xsrf", path="/hub/")
+        return self.http.request(method, self.url + "/hub/api" + path, headers={"X-XSRFToken": xsrf}, timeout=30)
+
+    def start_server(self, name: str, profile: str) -> None:
+        r = self.form(f"/hub/spawn/{name}", {"profile": profile})
+        assert r.status_code == 200, r.text[-2000:]
+
+        def ready() -> bool:
+            server = self.api("GET", f"/users/{name}").json()["servers"].get("")
+            return bool(server and server["ready"])
+
+        wait_for(ready, timeout=180, interval=1, what=f"{name}'s server to be ready")
+        # the single-user server itself answers, through the proxy
+        assert "version" in self.http.get(f"{self.url}/user/{name}/api", timeout=30).json()
+
+    def stop_server(self, name: str) -> None:
+        assert self.api("DELETE", f"/users/{name}/server").status_code in (202, 204)
+        wait_for(lambda: not self.api("GET", f"/users/{name}").json()["servers"], timeout=120, interval=1,
+                 what=f"{name}'s server to stop")
+
+
+def audit_rows(html: str) -> list[tuple[str, str]]:
+    """(record id, user) of each row of the audit page's table."""
+    body = html.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td>", body)
+
+
+def test_the_compose_deployment_gives_each_person_their_own_account_and_audits_their_servers(
+    docker_bed: DockerBed, deployment: Deployment
+) -> None:
+    dep = deployment
+    admin, ada, bob, mallory = (Person(dep.url) for _ in range(4))
+    a, b = "ada" + dep.suffix, "bob" + dep.suffix
+    passwords = {name: name + " " + secrets.token_hex(8) for name in (dep.admin, a, b)}
+
+    # The first admin gets in by signing up under the name the deployment lists.
+    assert "successful" in admin.sign_up(dep.admin, passwords[dep.admin])
+    assert admin.log_in(dep.admin, passwords[dep.admin])
+    # Everyone else signs up and waits for an admin.
+    assert "sent to the admin" in ada.sign_up(a, passwords[a])
+    assert "sent to the admin" in bob.sign_up(b, passwords[b])
+    assert "Something went wrong" in mallory.sign_up("=1+2", "mallory " + secrets.token_hex(8))
+    assert not ada.log_in(a, passwords[a])  # not authorised yet
+    waiting = admin.http.get(dep.url + "/hub/authorize", timeout=30)
+    assert waiting.status_code == 200 and a in waiting.text and "=1+2" not in waiting.text
+    for name in (a, b):
+        assert admin.http.get(f"{dep.url}/hub/authorize/{name}", timeout=30).status_code == 200
+    # Nobody can be somebody else.
+    assert not mallory.log_in(a, passwords[b])
+    assert not mallory.log_in(b, "")
+    assert not mallory.log_in(dep.admin, passwords[a])
+    assert ada.log_in(a, passwords[a]) and bob.log_in(b, passwords[b])
+    # A stale login form (no XSRF token) gets the login form back, not a server error.
+    stale = mallory.http.post(dep.url + "/hub/login", data={"username": a, "password": passwords[a]}, timeout=30)
+    assert stale.status_code == 403 and 'id="login_submit"' in stale.text
+
+    for person, name in ((ada, a), (bob, b)):
+        person.start_server(name, "cpu")
+        person.stop_server(name)
+
+    # The audit page shows the records the hub wrote into the data volume.
+    page = admin.http.get(dep.url + "/services/audit/", timeout=60)
+    assert page.status_code == 200, page.text[-2000:]
+    shown = audit_rows(page.text)
+    exec_ = docker_bed.client.containers.get(dep.hub).exec_run(
+        ["gpuspawner", "audit", "export", "--format", "jsonl"], demux=True
+    )
+    assert exec_.exit_code == 0, exec_.output
+    stored = [json.loads(line) for line in exec_.output[0].decode().splitlines()]
+    assert {user for _, user in shown} == {a, b}
+    assert sorted(shown) == sorted((r["id"], r["user"]) for r in stored)
+    # and not to a person who is not an admin
+    assert bob.http.get(dep.url + "/services/audit/", timeout=60).status_code == 403

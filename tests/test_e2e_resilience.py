@@ -22,8 +22,9 @@ from test_e2e_gpus import container_of, sim_config
 from testbed import TESTBED_DIR, DockerBed, wait_for
 from testbed.hub import RunningHub
 
+from gpuspawner import reconcile, seams
 from gpuspawner.audit import AuditRecord
-from gpuspawner.store import AuditStore
+from gpuspawner.store import AuditStore, load_key
 
 pytestmark = pytest.mark.docker
 
@@ -222,10 +223,17 @@ def test_a_container_of_this_hub_that_no_server_owns_is_stopped_as_an_orphan(
     gpu0 = simnvml.gpu(0)["uuid"]
     hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1\nc.GPUSpawner.reconcile_interval = 2\n"))
     # what a hub that died between `docker start` and storing the server leaves: a labelled
-    # container on the GPU that the hub's database knows nothing of
+    # container on the GPU that the hub's database knows nothing of, and an open record that
+    # never learnt the container's id
+    key_file = hub.settings.workdir / "gpuspawner-audit.key"
+    wait_for(key_file.exists, timeout=30, what="the hub to make its sealing key")
+    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}", key=load_key(key_file),
+                       head_file=hub.settings.workdir / "gpuspawner-audit.head")
+    store.insert(AuditRecord(id="orphan-record", hub_id=hub.settings.hub_id, user="ada", server="",
+                             requested_at=seams.now_iso(), outcome="starting"))
     orphan = docker_bed.api.create_container(
         light_image, labels={"gpuspawner.hub": hub.settings.hub_id, "gpuspawner.user": "ada",
-                             "gpuspawner.server": "", "gpuspawner.devices": gpu0, "gpuspawner.record": ""},
+                             "gpuspawner.server": "", "gpuspawner.devices": gpu0, "gpuspawner.record": "orphan-record"},
         host_config=docker_bed.api.create_host_config(
             device_requests=[{"Driver": "nvidia", "DeviceIDs": [gpu0], "Capabilities": [["gpu"]]}]),
     )
@@ -233,9 +241,37 @@ def test_a_container_of_this_hub_that_no_server_owns_is_stopped_as_an_orphan(
     wait_for(lambda: not hub_containers(docker_bed, hub.settings.hub_id, "ada"), timeout=30,
              what="the orphan to be stopped and removed")
     assert "Stopping orphan container" in hub.log_tail(200)
+    closed = wait_for(lambda: (r := store.get("orphan-record")) and r.sealed and r, timeout=30, what="the record to close")
+    assert (closed.outcome, closed.error, closed.container_id) == ("abandoned", reconcile.ORPHAN_STOPPED, orphan["Id"])
     assert hub.spawn("bob").status_code in (201, 202)  # its GPU is free again
     hub.wait_ready("bob")
     assert docker_bed.hook_record(container_of(docker_bed, hub, "bob")["Id"])["devices"] == [gpu0]
+
+
+def test_a_leftover_container_of_a_lost_spawn_is_replaced_and_its_record_closed_at_once(
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, light_image: str
+) -> None:
+    """A hub killed mid-spawn leaves the server's container and an open record; the server's next
+    spawn removes that container, and must close its record then, not a reconciliation later."""
+    hub = start_hub(extra="c.GPUSpawner.reconcile_interval = 3600\n")  # no reconciliation during the test
+    key_file = hub.settings.workdir / "gpuspawner-audit.key"
+    wait_for(key_file.exists, timeout=30, what="the hub to make its sealing key")
+    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}", key=load_key(key_file),
+                       head_file=hub.settings.workdir / "gpuspawner-audit.head")
+    store.insert(AuditRecord(id="lost-spawn", hub_id=hub.settings.hub_id, user="ada", server="",
+                             requested_at=seams.now_iso(), outcome="starting"))
+    leftover = docker_bed.api.create_container(
+        light_image, name=f"t-{hub.settings.hub_id}-ada",
+        labels={"gpuspawner.hub": hub.settings.hub_id, "gpuspawner.user": "ada", "gpuspawner.server": "",
+                "gpuspawner.devices": "", "gpuspawner.record": "lost-spawn"},
+    )
+    docker_bed.api.start(leftover["Id"])
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    closed = store.get("lost-spawn")
+    assert closed is not None and closed.sealed, closed
+    assert (closed.outcome, closed.error, closed.container_id) == ("abandoned", reconcile.REPLACED, leftover["Id"])
+    assert container_of(docker_bed, hub, "ada")["Id"] != leftover["Id"]
 
 
 # --- 4. a locked audit database ----------------------------------------------------------

@@ -8,6 +8,7 @@ from gpuspawner.allocation import GPURequest
 from gpuspawner.devices import GiB
 from gpuspawner.profiles import OptionsError, choose_profile, options_from_form, parse_profiles
 from gpuspawner.settings import ConfigError
+from gpuspawner.userinput import check_options_size, clip, parse_max_options_bytes, quote
 
 CPU = {"slug": "cpu", "display_name": "CPU only", "image": "lab/notebook:2024.10"}
 A100 = {
@@ -115,3 +116,100 @@ def test_form_data_becomes_a_profile_choice_and_nothing_else() -> None:
     assert options_from_form({}) == {}
     with pytest.raises(OptionsError):
         options_from_form({"profile": ["cpu", "a100-1"]})
+
+
+# --- What users send is bounded before it reaches a message or a record ----------------------
+
+LONG = "x" * 5_000_000
+
+
+@pytest.mark.parametrize(
+    ("options", "status", "message"),
+    [
+        ({"profile": LONG}, 400, "Unknown profile '" + "x" * 40 + "'…; the profiles you may use: 'cpu'."),
+        ({"profile": "a100-1", LONG: 1}, 400, "Unknown option '" + "x" * 40 + "'…: a server is chosen by profile only"),
+        ({"profile": [LONG]}, 400, "'profile' is ['xxxxxxxxxxxxxxxxx…xxxxxxxxxxxxxxxxxx']; it must be a profile slug"),
+    ],
+    ids=["long-slug", "long-key", "long-list"],
+)
+def test_refusals_quote_only_a_short_prefix_of_what_the_user_sent(options: dict, status: int, message: str) -> None:
+    with pytest.raises(OptionsError) as e:
+        choose_profile(PROFILES, options, user="bob", groups=[])
+    assert e.value.status == status
+    assert e.value.message.startswith(message), e.value.message[:300]
+    assert len(e.value.message) < 250
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        ("cpu", "'cpu'"),
+        ("x" * 40, repr("x" * 40)),
+        ("x" * 41, repr("x" * 40) + "…"),
+        ("it's", '"it\'s"'),
+        (["cpu"], "['cpu']"),
+        (12, "12"),
+        ({"a": "y" * 1000}, "{'a': 'yyyyyyyyyyyyyyyyy…yyyyyyyyyyyyyyy…"),
+        (list(range(1000)), "[0, 1, 2, 3, …]"),
+    ],
+    ids=["short", "at-limit", "past-limit", "quotes", "list", "number", "nested-long", "long-list"],
+)
+def test_quote_reads_as_repr_until_it_is_long(value: object, quoted: str) -> None:
+    assert quote(value) == quoted
+
+
+def test_clip_keeps_short_text_and_says_how_much_was_cut() -> None:
+    assert clip("HTTP 400: no") == "HTTP 400: no"
+    assert clip("e" * 2010) == "e" * 2000 + "… (10 more characters)"
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"profile": "a100-1"}, False),
+        ({"profile": "p" * 4000}, False),
+        ({"profile": "p" * 4096}, True),
+        ({"profile": "é" * 2050}, True),  # bytes of UTF-8, not characters
+        ({"profile": ["a"] * 2000}, True),
+        ({"profile": [LONG]}, True),
+    ],
+    ids=["profile", "just-under", "just-over", "utf8-bytes", "many-small-values", "huge"],
+)
+def test_options_over_the_limit_are_refused(options: dict, refused: bool) -> None:
+    if not refused:
+        check_options_size(options, max_bytes=4096)
+        return
+    with pytest.raises(OptionsError) as e:
+        check_options_size(options, max_bytes=4096)
+    assert e.value.status == 400
+    assert e.value.message.startswith(
+        "Your server options are larger than this hub takes (4096 bytes, GPUSpawner.max_user_options_bytes); "
+        "they begin {'profile': "
+    ), e.value.message[:300]
+    assert len(e.value.message) < 300
+
+
+@pytest.mark.parametrize(
+    "value", [0, 100, 255, 2 * 1024 * 1024, -1, "4K", 4096.0, True, None],
+    ids=["zero", "too-small", "just-too-small", "too-large", "negative", "text", "float", "bool", "none"],
+)
+def test_a_bad_options_limit_is_refused_naming_the_setting_and_what_is_allowed(value: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_max_options_bytes(value, where="GPUSpawner.max_user_options_bytes")
+    assert str(e.value) == (
+        f"GPUSpawner.max_user_options_bytes is {value!r}; allowed: a whole number of bytes from 256 to 1048576 "
+        "(1 MiB), such as 4096."
+    )
+
+
+def test_the_hub_refuses_to_start_with_a_bad_options_limit() -> None:
+    from traitlets.config import Config
+
+    from gpuspawner.spawner import check_config
+
+    config = Config()
+    config.GPUSpawner.max_user_options_bytes = 10
+    with pytest.raises(ConfigError, match=r"^GPUSpawner.max_user_options_bytes is 10; allowed: a whole number"):
+        check_config(config)
+    config.GPUSpawner.max_user_options_bytes = 8192
+    check_config(config)

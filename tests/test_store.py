@@ -23,20 +23,36 @@ import psycopg.errors
 import pytest
 import sqlalchemy as sa
 
-from gpuspawner.audit import AuditRecord
+from gpuspawner.audit import GENESIS, AuditRecord, ChainHead
 from gpuspawner.store import (
     AsyncAuditStore,
     AuditRecordSealed,
     AuditStore,
     AuditStoreError,
+    AuditStoreMissing,
     AuditStoreUnavailable,
     Filters,
     RetryPolicy,
+    advance_head,
     default_audit_url,
     is_transient,
+    load_key,
+    read_head,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+
+KEY = bytes(range(32))  # the tests' sealing key (a hub's is random, in a 0600 file)
+
+
+def key_file(url: str) -> Path:
+    """A key file holding KEY, for the stores the hub's way (AsyncAuditStore reads a file)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "audit.key"
+    path.write_text(KEY.hex() + "\n")
+    return path
+
 
 # Small budgets so a lock "held too long" costs a test well under a second.
 SHORT = RetryPolicy(tries=3, first_delay=0.05, max_delay=0.1, budget=0.4)
@@ -51,7 +67,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[AuditStore]:
-    store = AuditStore(store_url)
+    store = AuditStore(store_url, key=KEY)
     yield store
     store.dispose()
 
@@ -153,7 +169,7 @@ def test_export_filters_and_streams_past_one_batch(store: AuditStore) -> None:
 
 def test_queued_updates_land_in_order_before_anything_submitted_after_them(store_url: str) -> None:
     async def spawn_like() -> tuple[AuditRecord, list[object]]:
-        store = AsyncAuditStore(store_url)
+        store = AsyncAuditStore(store_url, key_file=key_file(store_url))
         await store.insert(record(1))
         queued = [
             store.update_soon("r001", outcome="starting", image_id="sha256:one"),
@@ -179,7 +195,8 @@ def test_changing_one_field_in_the_database_is_caught_by_verify(store: AuditStor
         data = conn.execute(sa.select(t.c.data).where(t.c.id == "r004")).scalar_one()
         conn.execute(t.update().where(t.c.id == "r004").values(data=data.replace("a" * 64, "b" * 64)))
     result = store.verify()
-    assert (result.ok, result.first_bad, result.checked) == (False, "r004", 3)
+    assert (result.ok, result.checked) == (False, 5)
+    assert result.problems == ("record r004 (#4): its content does not match its seal",)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +220,7 @@ SEALER = textwrap.dedent(
     from gpuspawner.store import AuditStore
 
     url, go, ids = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
-    store = AuditStore(url)
+    store = AuditStore(url, key=bytes(range(32)))
     failures = []
 
     def seal(mine):
@@ -261,7 +278,7 @@ def test_threads_sealing_through_one_store_take_turns(store: AuditStore) -> None
 
 
 def test_finish_waits_for_a_lock_held_for_a_second_then_seals(store_url: str) -> None:
-    store = AuditStore(store_url, lock_wait=0.2)
+    store = AuditStore(store_url, key=KEY, lock_wait=0.2)
     new(store, 1)
     with write_lock(store_url) as lock:
         lock.release_after(1.0)
@@ -272,7 +289,7 @@ def test_finish_waits_for_a_lock_held_for_a_second_then_seals(store_url: str) ->
 
 
 def test_a_lock_held_past_the_retries_is_a_sentence_not_a_driver_error(store_url: str) -> None:
-    store = AuditStore(store_url, retry=SHORT, lock_wait=0.1)
+    store = AuditStore(store_url, key=KEY, retry=SHORT, lock_wait=0.1)
     new(store, 1)
     with write_lock(store_url), pytest.raises(AuditStoreUnavailable) as caught:
         store.finish("r001", outcome="stopped")
@@ -285,7 +302,7 @@ def test_a_lock_held_past_the_retries_is_a_sentence_not_a_driver_error(store_url
 
 def run_async_store(url: str, scenario: Any) -> Any:
     async def main() -> Any:
-        store = AsyncAuditStore(url, retry=SHORT, lock_wait=0.1, retry_later=(0.2, 0.4))
+        store = AsyncAuditStore(url, key_file=key_file(url), retry=SHORT, lock_wait=0.1, retry_later=(0.2, 0.4))
         try:
             return await scenario(store)
         finally:
@@ -335,7 +352,7 @@ def test_a_kept_final_write_for_a_record_sealed_meanwhile_is_dropped(store_url: 
         await store.insert(record(1))
         with write_lock(store_url):
             await store.finish_eventually("r001", outcome="stopped")
-        AuditStore(store_url).finish("r001", outcome="failed")  # another hub process got there first
+        AuditStore(store_url, key=KEY).finish("r001", outcome="failed")  # another hub process got there first
         left = await store.flush_pending(timeout=2)
         sealed = await store.get("r001")
         return left, sealed.outcome if sealed else None
@@ -420,9 +437,108 @@ def test_tries_back_off_doubling_up_to_a_cap(policy: RetryPolicy, delays: list[f
 
 
 def test_a_fatal_database_error_is_not_retried_and_reads_as_a_sentence(tmp_path: Path) -> None:
-    store = AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}", key=KEY)
     new(store, 1)
     started = time.monotonic()
     with pytest.raises(AuditStoreUnavailable, match=r"^The audit database at .* refused to write audit record r001: UNIQUE") as caught:
         store.insert(record(1))
     assert not caught.value.transient and time.monotonic() - started < 0.5
+
+
+# --- Sealing key, chain head, missing stores -----------------------------------------------
+
+LEGACY_SCHEMA = """
+CREATE TABLE gpuspawner_audit (
+    id VARCHAR(64) NOT NULL PRIMARY KEY, seq INTEGER UNIQUE, hub_id VARCHAR(255) NOT NULL,
+    user VARCHAR(255) NOT NULL, server VARCHAR(255) NOT NULL, profile VARCHAR(255),
+    outcome VARCHAR(16) NOT NULL, requested_at VARCHAR(40) NOT NULL, data TEXT NOT NULL,
+    prev_hash VARCHAR(64), hash VARCHAR(64)
+)
+"""
+
+
+def legacy_store(path: Path, sealed: int, open_: int) -> None:
+    """A store as gpuspawner 0.1 wrote it: plain SHA-256 seals, no opening seals, no key."""
+    from gpuspawner import audit
+
+    conn = sqlite3.connect(path)
+    conn.execute(LEGACY_SCHEMA)
+    prev = audit.GENESIS
+    for n in range(1, sealed + open_ + 1):
+        rec = record(n, outcome="stopped" if n <= sealed else "running")
+        content = audit.canonical_json(rec.content())
+        seq = digest = None
+        if n <= sealed:
+            seq, digest = n, audit.seal_digest(seq=n, prev_hash=prev, content_json=content, key=None)
+        conn.execute(
+            "INSERT INTO gpuspawner_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.id, seq, rec.hub_id, rec.user, rec.server, rec.profile, rec.outcome, rec.requested_at, content,
+             prev if seq else None, digest),
+        )
+        prev = digest or prev
+    conn.commit()
+    conn.close()
+
+
+def test_a_store_sealed_before_keys_is_taken_over_without_breaking_its_history(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite"
+    legacy_store(path, sealed=3, open_=2)
+    store = AuditStore(f"sqlite:///{path}", key=KEY, head_file=tmp_path / "head")
+    result = store.verify()
+    assert result.ok, result.problems
+    assert (result.checked, result.open_records, result.head.opened) == (3, 2, 5)
+    assert "records 1-3 were sealed with plain SHA-256 before it" in result.message()
+    # the open records seal with the key, chained onto the old ones
+    store.finish("r004", outcome="stopped")
+    new(store, 6)
+    assert store.verify().ok
+    # an old record changed after the take-over is caught, though its seal is plain SHA-256
+    with sqlite3.connect(path) as db:
+        data = db.execute("SELECT data FROM gpuspawner_audit WHERE id = 'r002'").fetchone()[0]
+        db.execute("UPDATE gpuspawner_audit SET data = ? WHERE id = 'r002'", (data.replace('"ada"', '"eve"'),))
+    assert "record r002 (#2): its content does not match its seal" in store.verify().problems
+    # taking over happens once: a second hub process with the same key finds it done
+    assert AuditStore(f"sqlite:///{path}", key=KEY).verify(key=KEY).start == result.start
+
+
+def test_a_hub_with_another_key_writes_nothing(store_url: str) -> None:
+    store = AuditStore(store_url, key=KEY)
+    new(store, 1)
+    with pytest.raises(AuditStoreError, match=r"sealed with another key .* GPUSpawner.audit_key_file"):
+        AuditStore(store_url, key=b"m" * 32)
+
+
+def test_a_missing_store_is_an_error_and_is_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "audit.sqlite"
+    with pytest.raises(AuditStoreMissing, match=f"no audit store at {path}"):
+        AuditStore(f"sqlite:///{path}", create=False)
+    assert not path.exists()
+    empty = tmp_path / "empty.sqlite"
+    sqlite3.connect(empty).close()
+    with pytest.raises(AuditStoreMissing, match="has no gpuspawner_audit table"):
+        AuditStore(f"sqlite:///{empty}", create=False)
+
+
+def test_the_hub_makes_its_key_once_for_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "audit.key"
+    with pytest.raises(AuditStoreMissing, match="no audit sealing key"):
+        load_key(path)
+    key = load_key(path, create=True)
+    assert len(key) == 32 and path.stat().st_mode & 0o777 == 0o600
+    assert load_key(path, create=True) == key == load_key(path)
+    path.write_text("not a key\n")
+    with pytest.raises(AuditStoreError, match="cannot read the audit sealing key"):
+        load_key(path)
+
+
+def test_the_head_kept_outside_moves_forward_only_with_every_record(store_url: str, tmp_path: Path) -> None:
+    head = tmp_path / "audit.head"
+    store = AuditStore(store_url, key=KEY, head_file=head)
+    new(store, 1)
+    new(store, 2)
+    assert read_head(head) == ChainHead(0, GENESIS, 2)
+    sealed = store.finish("r002", outcome="stopped")
+    assert read_head(head) == ChainHead(1, sealed.hash, 2)
+    advance_head(head, ChainHead(0, GENESIS, 1))  # a late writer with an older head
+    assert read_head(head) == ChainHead(1, sealed.hash, 2)
+    assert store.verify().head == read_head(head)
