@@ -267,7 +267,9 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .export import reproduce_command
 
-    print(reproduce_command(_record(args)))
+    hub = load_hub_settings(args.config, hub_id=None)
+    # an older record may hold what the admin's names (GPUSpawner.audit_redact_names) now hide
+    print(reproduce_command(_record(args), extra_names=hub.audit_redact_names))
     return 0
 
 

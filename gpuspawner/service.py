@@ -35,6 +35,7 @@ from tornado.ioloop import IOLoop
 
 from . import audit, export
 from .store import AuditStore, Filters
+from .times import TimeError, stored_time
 
 SCOPE = "custom:gpuspawner-audit:read"
 TABLE_LIMIT = 500
@@ -90,14 +91,25 @@ class _Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         return user
 
     def filters(self) -> Filters:
+        """The form's filters; a time that is not one is a 400 that says what is allowed."""
+
         def arg(name: str) -> str | None:
             return self.get_argument(name, "").strip() or None
 
-        return Filters(since=arg("since"), until=arg("until"), user=arg("user"), profile=arg("profile"))
+        since, until = arg("since"), arg("until")
+        try:
+            for name, value in (("Since", since), ("Until", until)):
+                if value:
+                    stored_time(value, where=name)
+        except TimeError as e:
+            raise web.HTTPError(400, reason="Bad time", log_message=str(e)) from None
+        return Filters(since=since, until=until, user=arg("user"), profile=arg("profile"))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(f"{status_code}: {self._reason}\n")
+        error = kwargs.get("exc_info", (None, None))[1]
+        detail = error.log_message if isinstance(error, web.HTTPError) and status_code == 400 else None
+        self.finish(f"{status_code}: {detail or self._reason}\n")
 
     async def stream(self, chunks: Iterator[str]) -> None:
         """Write a generator's chunks as they come, reading them off the event loop."""

@@ -1315,6 +1315,7 @@ class HubSettings:
     busy_memory_threshold: int
     audit_key_file: str
     audit_head_file: str
+    audit_redact_names: tuple[str, ...] = ()
 
 
 def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
@@ -1328,6 +1329,7 @@ def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
             config_value(config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
         ),
         audit_key_file=key_file,
+        audit_redact_names=tuple(config_value(config, "audit_redact_names", fallback=[])),
         audit_head_file=config_value(config, "audit_head_file", fallback="") or str(Path(key_file).with_name(AUDIT_HEAD_FILE)),
     )
 

@@ -178,3 +178,21 @@ def test_what_is_not_a_time_is_refused_quoting_a_short_prefix(text: str) -> None
     assert str(e.value).startswith("since is ")
     assert "which is not a time; allowed: an ISO 8601 date or time" in str(e.value)
     assert len(str(e.value)) < 250
+
+
+def test_reproduce_hides_what_the_admins_names_now_redact_in_an_older_record(tmp_path: Path) -> None:
+    """A record written before the admin added a name still holds the value; reproduce must not print it."""
+    url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    store = open_store(url)
+    store.insert(AuditRecord(id="old", hub_id="hub-1", user="ada", server="", requested_at=REQUESTED["r1"],
+                             image_id="sha256:" + "d" * 64, environment={"LICENSE_SERVER": "27000@lic.example"}))
+    store.dispose()
+    config = tmp_path / "jupyterhub_config.py"
+    config.write_text(
+        f'c = get_config()  # noqa\nc.GPUSpawner.audit_db_url = {url!r}\n'
+        'c.GPUSpawner.audit_redact_names = ["LICENSE_SERVER"]\n'
+    )
+    result = gpuspawner("reproduce", "old", "-f", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "27000@lic.example" not in result.stdout
+    assert " -e LICENSE_SERVER " in result.stdout

@@ -4,7 +4,9 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jupyterhub import orm
@@ -18,7 +20,7 @@ ENV = ("GPUSPAWNER_IP", "GPUSPAWNER_PORT", "GPUSPAWNER_IMAGE", "GPUSPAWNER_ADMIN
 
 
 @pytest.fixture
-def load_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def load_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., JupyterHub]:
     """load(**env): a JupyterHub that loaded the shipped config with these GPUSPAWNER_* variables."""
     for var in ENV:
         monkeypatch.delenv(var, raising=False)
@@ -35,16 +37,16 @@ def load_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def hub_app(load_hub) -> JupyterHub:
+def hub_app(load_hub: Callable[..., JupyterHub]) -> JupyterHub:
     return load_hub()
 
 
-def authenticator(app: JupyterHub):
+def authenticator(app: JupyterHub) -> Any:
     """The configured authenticator, on a fresh in-memory hub database."""
     return app.authenticator_class(parent=app, db=orm.new_session_factory("sqlite://")())
 
 
-def login(auth, name: str, password: str):
+def login(auth: Any, name: str, password: str) -> Any:
     return auth.get_authenticated_user(None, {"username": name, "password": password})
 
 
@@ -87,7 +89,7 @@ async def test_no_one_logs_in_under_another_name_or_with_a_wrong_password(hub_ap
     assert await login(auth, "ada", "") is None
 
 
-async def test_admins_from_the_environment_are_authorised_when_they_sign_up(load_hub) -> None:
+async def test_admins_from_the_environment_are_authorised_when_they_sign_up(load_hub: Callable[..., JupyterHub]) -> None:
     app = load_hub(GPUSPAWNER_ADMIN_USERS="alice, bob")
     assert app.config.Authenticator.admin_users == {"alice", "bob"}
     auth = authenticator(app)
@@ -131,7 +133,7 @@ def test_user_names_are_plain(hub_app: JupyterHub, name: str, accepted: bool) ->
 # --- Login: the shared password of `make run`'s loopback demo ------------------------------------
 
 
-async def test_the_shared_password_demo_needs_the_generated_password(load_hub, tmp_path: Path) -> None:
+async def test_the_shared_password_demo_needs_the_generated_password(load_hub: Callable[..., JupyterHub], tmp_path: Path) -> None:
     app = load_hub(GPUSPAWNER_AUTH="shared-password")
     auth = app.authenticator_class(parent=app)
     password_file = tmp_path / "data" / "user-password"
@@ -146,34 +148,34 @@ async def test_the_shared_password_demo_needs_the_generated_password(load_hub, t
 
 
 @pytest.mark.parametrize("ip", ["0.0.0.0", "", "192.0.2.7", "::"])
-def test_the_shared_password_is_refused_beyond_loopback(load_hub, ip: str) -> None:
+def test_the_shared_password_is_refused_beyond_loopback(load_hub: Callable[..., JupyterHub], ip: str) -> None:
     with pytest.raises(ValueError, match="GPUSPAWNER_AUTH=native"):
         load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_IP=ip)
 
 
 @pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "localhost"])
-def test_the_shared_password_is_for_loopback(load_hub, ip: str) -> None:
+def test_the_shared_password_is_for_loopback(load_hub: Callable[..., JupyterHub], ip: str) -> None:
     app = load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_IP=ip)
     assert app.config.JupyterHub.authenticator_class == "shared-password"
 
 
-def test_the_shared_password_beyond_loopback_only_when_asked_for_by_name(load_hub) -> None:
+def test_the_shared_password_beyond_loopback_only_when_asked_for_by_name(load_hub: Callable[..., JupyterHub]) -> None:
     app = load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_IP="0.0.0.0", GPUSPAWNER_SHARED_PASSWORD_ANYWHERE="1")
     assert app.config.JupyterHub.authenticator_class == "shared-password"
 
 
-def test_an_unknown_login_kind_is_refused(load_hub) -> None:
+def test_an_unknown_login_kind_is_refused(load_hub: Callable[..., JupyterHub]) -> None:
     with pytest.raises(ValueError, match="'native' or 'shared-password'"):
         load_hub(GPUSPAWNER_AUTH="none")
 
 
-def test_password_survives_restarts(load_hub) -> None:
+def test_password_survives_restarts(load_hub: Callable[..., JupyterHub]) -> None:
     first = load_hub(GPUSPAWNER_AUTH="shared-password")
     second = load_hub(GPUSPAWNER_AUTH="shared-password")
     assert first.config.SharedPasswordAuthenticator.user_password == second.config.SharedPasswordAuthenticator.user_password
 
 
-def test_admins_of_the_shared_password_demo_get_their_own_password(load_hub, tmp_path: Path) -> None:
+def test_admins_of_the_shared_password_demo_get_their_own_password(load_hub: Callable[..., JupyterHub], tmp_path: Path) -> None:
     app = load_hub(GPUSPAWNER_AUTH="shared-password", GPUSPAWNER_ADMIN_USERS="alice, bob")
     assert app.config.Authenticator.admin_users == {"alice", "bob"}
     admin_password = (tmp_path / "data" / "admin-password").read_text().strip()
@@ -185,7 +187,7 @@ def test_admins_of_the_shared_password_demo_get_their_own_password(load_hub, tmp
 
 
 def test_the_audit_service_started_as_jupyterhub_starts_it_reads_the_hubs_audit_database(
-    load_hub, tmp_path: Path
+    load_hub: Callable[..., JupyterHub], tmp_path: Path
 ) -> None:
     data = tmp_path / "elsewhere"
     app = load_hub(GPUSPAWNER_DATA_DIR=str(data), GPUSPAWNER_NETWORK="gpuspawner")

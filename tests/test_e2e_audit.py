@@ -269,4 +269,9 @@ c.JupyterHub.redirect_to_server = False
     (row,) = list(csv.DictReader(io.StringIO(r.text)))
     assert row["user"] == "ada" and row["profile"] == "gpu" and row["outcome"] == "running"
     assert boss.get(url + "export.jsonl", timeout=60).text.count("\n") == 1
+    # times in any zone mean that time; a "time" that is none is a 400 saying what is allowed
+    assert len(list(csv.DictReader(io.StringIO(boss.get(url + "export.csv?since=2000-01-01T02:00%2B02:00", timeout=60).text)))) == 1
+    for page in ("", "export.csv"):
+        bad = boss.get(url + page + "?since=yesterday", timeout=60)
+        assert bad.status_code == 400 and "Since is 'yesterday', which is not a time; allowed:" in bad.text, bad.text
     assert sys.executable  # the service runs with the hub's Python (see audit_service)

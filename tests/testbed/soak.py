@@ -157,6 +157,10 @@ class SoakPlan:
     lost_grace: float = 3.0  # a spawn that chose a GPU just before it was lost creates its container late
     closed_grace: float = 10.0  # a record may close this long before its container dies (stop on its way)
     settle_timeout: float = 120.0
+    # A record the hub lost track of (its server's spawn cut short by a SIGKILL, its container
+    # killed right after the restart) is closed by the hub's next reconciliation: within
+    # GPUSpawner.reconcile_interval (60 s), so the final check waits that long, and a little more.
+    records_close_within: float = 75.0
 
 
 # --- What happened ------------------------------------------------------------------------------
@@ -1031,11 +1035,12 @@ class Soak:
         while self._running_containers() and time.monotonic() < until:
             time.sleep(1)
         self._note_violations(self._orphan_check(grace_ns=0, final=True), during=False)
-        # The last audit writes (the stop of each record) may trail the hub's answer a little.
+        # The last audit writes (the stop of each record) may trail the hub's answer a little, and
+        # records of servers the hub lost track of close at its next reconciliation.
         from gpuspawner.store import AuditStore
 
         store = AuditStore(self.audit_url)
-        until = min(deadline, time.monotonic() + 15)
+        until = time.monotonic() + self.plan.records_close_within
         while time.monotonic() < until and store.open_records(self.hub_id):
             time.sleep(1)
         store.dispose()
