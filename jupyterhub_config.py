@@ -122,50 +122,8 @@ admins = {name.strip() for name in os.environ.get("GPUSPAWNER_ADMIN_USERS", "").
 c.Authenticator.admin_users = admins
 auth = os.environ.get("GPUSPAWNER_AUTH", "native")
 if auth == "native":
-    try:
-        from nativeauthenticator import NativeAuthenticator
-        from nativeauthenticator.handlers import TEMPLATE_DIR
-        from nativeauthenticator.handlers import LoginHandler as NativeLoginHandler
-    except ImportError:
-        raise ImportError(
-            "GPUSPAWNER_AUTH=native needs NativeAuthenticator: pip install 'gpuspawner[hub]' "
-            "(or jupyterhub-nativeauthenticator)."
-        ) from None
-    from tornado.escape import url_escape
-    from tornado.httputil import url_concat
-
-    class _NoStatsd:
-        def timer(self, *args: object) -> "_NoStatsd":
-            return self
-
-        def start(self) -> "_NoStatsd":
-            return self
-
-        def stop(self, **kwargs: object) -> None:
-            pass
-
-    class LoginHandler(NativeLoginHandler):
-        """NativeAuthenticator 1.3's login page, mended for JupyterHub 6 (which dropped statsd and
-        renders a failed form's error through ``_render(sync=True, …)``). Drop it once a release
-        of NativeAuthenticator supports JupyterHub 6."""
-
-        statsd = _NoStatsd()
-
-        def _render(self, login_error=None, username=None, sync=False, **ignored):
-            next_url = self.get_argument("next", default="")
-            return self.render_template(
-                "native-login.html", sync=sync, next=url_escape(next_url), username=username,
-                login_error=login_error, custom_html=self.authenticator.custom_html,
-                login_url=self.settings["login_url"], enable_signup=self.authenticator.enable_signup,
-                two_factor_auth=self.authenticator.allow_2fa,
-                authenticator_login_url=url_concat(self.authenticator.login_url(self.hub.base_url), {"next": next_url}),
-            )
-
-    class LabNativeAuthenticator(NativeAuthenticator):
-        """NativeAuthenticator with the login page above; configured as c.NativeAuthenticator."""
-
-        def get_handlers(self, app):
-            return [(path, LoginHandler if h is NativeLoginHandler else h) for path, h in super().get_handlers(app)]
+    # NativeAuthenticator, its login page mended for JupyterHub 6 (see gpuspawner/auth.py)
+    from gpuspawner.auth import TEMPLATE_DIR, LabNativeAuthenticator
 
     c.JupyterHub.authenticator_class = LabNativeAuthenticator
     c.JupyterHub.template_paths = [TEMPLATE_DIR]  # its pages, for errors on the login form too
