@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 
 from gpuspawner import labels
-from gpuspawner.allocation import Grant, GPURequest, Holder, allocate
+from gpuspawner.allocation import GPURequest, Grant, Holder, allocate
 from gpuspawner.claims import ClaimBook, claims_from_containers
-from gpuspawner.devices import GiB, Device, Inventory
+from gpuspawner.devices import Device, GiB, Inventory
 
 
 def host(n_gpus: int = 64) -> Inventory:
@@ -73,10 +73,11 @@ def main() -> None:
           f"{len(listed)} containers holding {len(claims)} claims, 8 GPUs free")
     print(f"{'request':<28}{'decision median':>18}{'p95':>10}{'full step median':>20}{'p95':>10}")
     for request in (GPURequest(count=n) for n in (1, 2, 4, 8, 16)):
-        def decide() -> object:
+        # Each closure binds this iteration's request (a default is evaluated once, at definition).
+        def decide(request: GPURequest = request) -> object:
             return allocate(request, inventory, book.merged(claims), holder=me, busy_memory_threshold=GiB)
 
-        def full_step() -> object:
+        def full_step(request: GPURequest = request) -> object:
             table = book.merged(claims_from_containers(listed, hub_id="hub-bench"))
             return allocate(request, inventory, table, holder=me, busy_memory_threshold=GiB)
 

@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from gpuspawner import audit
 from gpuspawner.audit import GENESIS, AuditRecord, RecordedDevice, seal
 from gpuspawner.store import AuditStore, _columns, load_key, records_table

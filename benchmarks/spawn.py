@@ -32,6 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -107,6 +108,15 @@ def bench_single(
     return times
 
 
+def request_spawn(hub: RunningHub, user: str, *, options: dict) -> int:
+    """Ask the hub to start `user`'s server; the status code of its answer."""
+    return hub.api("POST", f"/users/{user}/server", json=options).status_code
+
+
+def server_ready(hub: RunningHub, user: str) -> bool:
+    return bool((hub.server_model(user) or {}).get("ready"))
+
+
 def wait_all_answer(hub: RunningHub, users: list[str], *, timeout: float = 300, interval: float = 0.2) -> None:
     """Until every user's server answers through the proxy.
 
@@ -136,7 +146,7 @@ def bench_burst(hubs: dict[str, RunningHub], count: int, rounds: int, options: d
                 hub.create_user(user)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(count) as pool:
-                codes = list(pool.map(lambda u: hub.api("POST", f"/users/{u}/server", json=options[name]).status_code, users))
+                codes = list(pool.map(partial(request_spawn, hub, options=options[name]), users))
             assert set(codes) <= {201, 202}, codes
             wait_all_answer(hub, users)
             times[name].append(time.perf_counter() - t0)
@@ -183,7 +193,7 @@ def bench_pull(
             user = f"busy{len(during)}"
             during.append(spawn_and_wait(hub, user, light_options[name]))
             hub.stop_server(user, timeout=120)
-        wait_for(lambda: (hub.server_model("puller") or {}).get("ready"), timeout=600, interval=1, what="the slow pull")
+        wait_for(partial(server_ready, hub, "puller"), timeout=600, interval=1, what="the slow pull")
         pull_seconds = time.perf_counter() - t_pull
         hub.stop_server("puller", timeout=120)
         bed.api.remove_image(big, force=True)

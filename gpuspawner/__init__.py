@@ -14,7 +14,8 @@ def __getattr__(name: str) -> Any:
     # GPUSpawner is looked up here when JupyterHub resolves its spawner_class: the moment to
     # have the hub's configuration checked before it serves anyone.
     if name == "GPUSpawner":
-        from .spawner import GPUSpawner, check_when_the_hub_starts
+        from .spawner import GPUSpawner
+        from .upkeep import check_when_the_hub_starts
 
         check_when_the_hub_starts()
         return GPUSpawner

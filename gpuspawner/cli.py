@@ -16,51 +16,18 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import labels, settings, times
-from .spawner import HubSettings
 from .allocation import Holder, Status, device_status
 from .devices import Device, Inventory, format_bytes
+from .hubconfig import ConfigFileError, load_hub_settings
 
 
 class CLIError(Exception):
     """A failure to report as one line, without a traceback."""
-
-
-def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSettings:
-    """GPUSpawner's settings from a jupyterhub_config.py, resolved as the hub resolves them."""
-    from jupyterhub.app import JupyterHub
-
-    from .spawner import check_config, hub_settings
-
-    app = JupyterHub.instance()
-    if config_file:
-        path = Path(config_file).resolve()
-        if not path.exists():
-            raise CLIError(f"no configuration file at {path}")
-        # Relative paths in the config (the hub database's, say) mean what they mean to a
-        # hub started in the config's folder.
-        os.chdir(path.parent)
-        try:
-            app.load_config_file(str(path))
-        except Exception as e:  # the file is Python: it may fail in any way
-            raise CLIError(config_file_failure(path, e)) from None
-    check_config(app.config)
-    return hub_settings(app.config, hub_id=hub_id)
-
-
-def config_file_failure(path: Path, error: BaseException) -> str:
-    """One line saying why a configuration file did not load, and where in it."""
-    if isinstance(error, SyntaxError):
-        return f"the configuration file {path} has a syntax error at line {error.lineno}: {error.msg}"
-    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
-    where = f" at line {lines[-1]}" if lines else ""
-    first_line = next(iter(str(error).splitlines()), "")
-    return f"the configuration file {path} failed{where}: {type(error).__name__}: {first_line}"
 
 
 def time_argument(text: str) -> str:
@@ -74,9 +41,10 @@ def time_argument(text: str) -> str:
 def hub_containers(hub_id: str) -> list[dict[str, Any]]:
     """This hub's containers, as the Docker API lists them."""
     import docker
+    from docker.utils import kwargs_from_env
 
     try:
-        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+        client = docker.APIClient(version="auto", **kwargs_from_env())
         containers: list[dict[str, Any]] = client.containers(all=True, filters=labels.hub_filter(hub_id))
     except docker.errors.DockerException as e:
         raise CLIError(f"cannot read the hub's containers from the Docker engine: {e}") from None
@@ -147,7 +115,7 @@ def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: s
             )
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines)
     if inventory.problem:
         summary = f"No GPUs: {inventory.problem}."
     else:
@@ -372,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreMissing as e:
         print(f"gpuspawner {args.command}: {e}", file=sys.stderr)
         return 2
-    except (CLIError, settings.ConfigError) as e:
+    except (CLIError, ConfigFileError, settings.ConfigError) as e:
         print(f"gpuspawner {args.command}: {e}", file=sys.stderr)
         return 1
 

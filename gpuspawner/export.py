@@ -21,7 +21,6 @@ from . import seams
 from .audit import AuditRecord, canonical_json, is_redacted, record_to_dict, without_secrets
 from .images import ImageRef, ImageReferenceError, parse_image
 
-
 CSV_COLUMNS = (
     "id", "seq", "hub_id", "user", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
     "stopped_at", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",

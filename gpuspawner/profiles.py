@@ -33,7 +33,7 @@ from typing import Any
 
 from .allocation import GPURequest
 from .devices import format_bytes
-from .images import ImageReferenceError, ImageRef, Pinning, is_pinned, parse_image, pinning_rule
+from .images import ImageRef, ImageReferenceError, Pinning, is_pinned, parse_image, pinning_rule
 from .settings import ConfigError, parse_bytes, parse_gpu_request
 from .userinput import OptionsError as OptionsError  # raised here; its home is userinput
 from .userinput import quote

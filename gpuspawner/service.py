@@ -201,7 +201,7 @@ def make_app(store: AuditStore) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import load_hub_settings
+    from .hubconfig import load_hub_settings
 
     parser = argparse.ArgumentParser(description="gpuspawner's audit service (started by JupyterHub)")
     parser.add_argument("-f", "--config", required=True, help="the hub's jupyterhub_config.py")

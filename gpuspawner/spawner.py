@@ -2,9 +2,13 @@
 
 This module is glue. Decisions are made by the pure modules beside it (``allocation`` picks
 devices, ``claims`` says who holds what, ``injection`` turns devices into DeviceRequests and
-environment, ``labels`` marks containers, ``settings`` checks configuration); this class
-feeds them what NVML (``nvml``) and the Docker engine know and hands their answers to
-DockerSpawner.
+environment, ``labels`` marks containers, ``settings`` checks configuration, ``plan`` builds a
+spawn's settings from its profile, ``facts`` says what a spawn learnt of its image and devices);
+this class feeds them what NVML (``nvml``) and the Docker engine know and hands their answers
+to DockerSpawner. Its helpers each own one job: ``hubconfig`` the hub's settings from its
+configuration, ``hubwide`` what all servers of the hub share, ``recorder`` a spawn's audit
+record, ``form`` the profile chooser, ``progress`` the progress messages, and ``upkeep`` the
+hub's start-up check and reconciliation loop.
 
 A spawn goes like this: under one lock per hub process, rebuild the claim table from this
 hub's running containers, read the inventory, choose devices and note a pending claim; then
@@ -24,139 +28,48 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
-import os
 import socket
 import time
-import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import docker.errors
-import jinja2
-
 from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Callable, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, default, validate
-from traitlets.config import Config
 
 from . import audit, images, injection, labels, profiles, reconcile, seams, settings, userinput
 from ._version import __version__
-from .allocation import Grant, GPURequest, Holder, allocate, availability, quota_for, quota_refusal
-from .claims import HOLDING_STATES, ClaimBook, claims_from_containers, foreign_claims
+from .allocation import GPURequest, Grant, Holder, allocate, quota_for, quota_refusal
+from .claims import claims_from_containers, foreign_claims
 from .devices import Inventory
+from .facts import ResolvedImage, device_facts, resolved_image
+from .form import form_entries, render_form
+from .hubconfig import (
+    default_audit_db_url,
+    default_audit_head_file,
+    default_audit_key_file,
+    hub_db_url,
+    stored_hub_id,
+)
+from .hubwide import resources
+from .images import Pinning
 from .nvml import NVMLInventory, NVMLTimeout
-from .store import AsyncAuditStore, AuditRecordSealed, AuditStoreError, default_audit_url
+from .plan import Configured, SpawnPlan, spawn_plan
+from .profiles import Profile
+from .progress import ProgressLog
+from .recorder import SpawnRecorder, close_record, error_text
+from .store import AsyncAuditStore
 
 WAIT_POLL_SECONDS = 2.0
-TEMPLATES = Path(__file__).parent / "templates"
 
 
-def _hub_db_url() -> str:
-    """The database URL of the running hub, made absolute for SQLite files."""
-    from jupyterhub.app import JupyterHub
-
-    if not JupyterHub.initialized():
-        return ""
-    url: str = JupyterHub.instance().db_url
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        # A relative SQLite path names a different database from another working directory.
-        url = prefix + os.path.abspath(url[len(prefix) :])
-    return url
-
-
-HUB_ID_FILE = "gpuspawner-hub-id"
-AUDIT_KEY_FILE = "gpuspawner-audit.key"
-AUDIT_HEAD_FILE = "gpuspawner-audit.head"
-
-
-def _data_folder(db_url: str) -> Path:
-    """The hub's data folder: where its SQLite database lives, else its working directory."""
-    return Path(default_audit_url(db_url or "sqlite:///jupyterhub.sqlite", cwd=os.getcwd())[len("sqlite:///"):]).parent
-
-
-def stored_hub_id(db_url: str, *, create: bool) -> str:
-    """The hub's identity, kept in ``gpuspawner-hub-id`` in its data folder.
-
-    The first start writes it (derived from the host name and the database URL, as before
-    it was kept), so a hub whose container is recreated with another host name keeps it.
-    ``create=False`` (the CLI) reads it, or derives it where the hub never wrote one.
-    """
-    path = _data_folder(db_url) / HUB_ID_FILE
-    try:
-        stored = path.read_text().strip()
-        if stored:
-            return stored
-    except FileNotFoundError:
-        pass
-    derived = labels.hub_id_for(hostname=socket.gethostname(), db_url=db_url)
-    if create:
-        tmp = path.with_name(f".{HUB_ID_FILE}.{os.getpid()}")
-        tmp.write_text(derived + "\n")
-        try:
-            os.link(tmp, path)  # never overwrites an identity another process wrote first
-        except FileExistsError:
-            return path.read_text().strip() or derived
-        finally:
-            tmp.unlink()
-    return derived
-
-
-class _HubWide:
-    """What all servers of one hub process share: the NVML reader, pending claims, the lock,
-    the live spawners (to tell a server's container from an orphan) and background tasks."""
-
-    def __init__(self) -> None:
-        self.book = ClaimBook()
-        self.nvml: NVMLInventory | None = None
-        self._lock: asyncio.Lock | None = None
-        self.stores: dict[str, AsyncAuditStore] = {}
-        self.docker_version: str | None = None
-        self.pools: dict[str, ThreadPoolExecutor] = {}
-        self.hub_id: str | None = None
-        self.spawners: weakref.WeakValueDictionary[tuple[str, str], GPUSpawner] = weakref.WeakValueDictionary()
-        self.foreign: dict[str, dict[str, Any]] = {}  # container id -> inspection, for other containers' devices
-        self.tasks: set[asyncio.Future[Any]] = set()
-
-    def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Run `aw` in the background, keeping a reference until it ends (and logging a failure)."""
-        task = asyncio.ensure_future(aw)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    def pool(self, name: str, threads: int) -> ThreadPoolExecutor:
-        """The hub's thread pool called `name`, made with `threads` workers on first use."""
-        if name not in self.pools:
-            self.pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"gpuspawner-{name}")
-        return self.pools[name]
-
-    @property
-    def lock(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
-    def inventory(self, cache_seconds: float, timeout: float) -> NVMLInventory:
-        if self.nvml is None:
-            self.nvml = NVMLInventory(cache_seconds=cache_seconds, timeout=timeout)
-        return self.nvml
-
-    def audit(self, url: str, *, key_file: str, head_file: str) -> AsyncAuditStore:
-        if url not in self.stores:
-            self.stores[url] = AsyncAuditStore(url, key_file=key_file, head_file=head_file)
-        return self.stores[url]
-
-
-_hub = _HubWide()
 _NO_GPUS = Inventory()
 
 
-class GPUSpawner(DockerSpawner):
+class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no type hints
     """A DockerSpawner that gives each server GPUs that are really free, by UUID.
 
     Every container is labelled with this hub's identity, the user, the server and the
@@ -438,13 +351,20 @@ class GPUSpawner(DockerSpawner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._audit_writes: list[asyncio.Future[Any]] = []  # queued changes to the current record
+        self.progress_log = ProgressLog()  # what the user sees while the server starts
+        self.recorder = SpawnRecorder(self.audit_store, lambda: self.log, lambda: self._log_name)
         self._docker_calls: set[concurrent.futures.Future[Any]] = set()  # this server's calls in flight
         self._spawning = False  # from start() until its record says how the spawn went
         self._spawn_image: str | None = None  # the image resolved and recorded for this spawn
         self._settings_hash = ""  # what this spawn's container is made from (label gpuspawner.settings)
+        self._plan: SpawnPlan | None = None  # the current or last spawn's settings
         if getattr(self, "orm_spawner", None) is not None:  # one of the hub's servers (not the caretaker)
-            _hub.spawners[(self.user.name, self.name or "")] = self
+            resources.spawners[(self.user.name, self.name or "")] = self
+
+    # DockerSpawner's traits that a spawn's plan sets (declared for the type checker only).
+    image: str
+    mem_limit: int | None
+    cpu_limit: float | None
 
     gpu_devices: tuple[str, ...] = ()  # UUIDs this server holds, kept in the spawner's state
     audit_record_id: str = ""  # the audit record of the current or last spawn, kept in the state
@@ -470,21 +390,21 @@ class GPUSpawner(DockerSpawner):
 
     @default("audit_db_url")
     def _default_audit_db_url(self) -> str:
-        return default_audit_url(_hub_db_url() or "sqlite:///jupyterhub.sqlite", cwd=os.getcwd())
+        return default_audit_db_url(hub_db_url())
 
     @default("audit_key_file")
     def _default_audit_key_file(self) -> str:
-        return str(_data_folder(_hub_db_url()) / AUDIT_KEY_FILE)
+        return default_audit_key_file(hub_db_url())
 
     @default("audit_head_file")
     def _default_audit_head_file(self) -> str:
-        return str(Path(self.audit_key_file).with_name(AUDIT_HEAD_FILE))
+        return default_audit_head_file(self.audit_key_file)
 
     @default("hub_id")
     def _default_hub_id(self) -> str:
-        if _hub.hub_id is None:
-            _hub.hub_id = stored_hub_id(_hub_db_url(), create=True)
-        return _hub.hub_id
+        if resources.hub_id is None:
+            resources.hub_id = stored_hub_id(hub_db_url(), create=True)
+        return resources.hub_id
 
     @validate("gpu_request")
     def _check_gpu_request(self, proposal: Any) -> Any:
@@ -510,7 +430,7 @@ class GPUSpawner(DockerSpawner):
     def _check_profiles(self, proposal: Any) -> Any:
         if not callable(proposal.value):
             _trait_check(
-                lambda v, where: profiles.parse_profiles(v, where=where, pinning=self.image_pinning),
+                lambda v, where: profiles.parse_profiles(v, where=where, pinning=self._pinning),
                 proposal.value,
                 "GPUSpawner.profiles",
             )
@@ -525,6 +445,14 @@ class GPUSpawner(DockerSpawner):
     def _check_extra_host_config(self, proposal: Any) -> Any:
         _trait_check(settings.check_extra_host_config, proposal.value, "DockerSpawner.extra_host_config")
         return proposal.value
+
+    @property
+    def _pinning(self) -> Pinning:
+        return cast(Pinning, self.image_pinning)  # the Enum trait allows no other value
+
+    @property
+    def _injection_mode(self) -> injection.InjectionMode:
+        return cast(injection.InjectionMode, self.device_injection)  # the Enum trait allows no other value
 
     # --- Identity and labels ---------------------------------------------------------------
 
@@ -569,9 +497,8 @@ class GPUSpawner(DockerSpawner):
 
     def get_env(self) -> dict[str, str]:
         env: dict[str, str] = super().get_env()
-        profile = getattr(self, "_profile", None)
-        if profile is not None:
-            env.update(profile.environment)
+        if self._plan is not None:
+            env.update(self._plan.profile_environment)
         env.update(injection.gpu_environment(self.gpu_devices))
         return env
 
@@ -589,7 +516,7 @@ class GPUSpawner(DockerSpawner):
         """
         if method == "create_container":
             kwargs = self._checked_create_request(kwargs)
-        pool = _hub.pool("pull", self.pull_threads) if method == "pull" else self.executor
+        pool = resources.pool("pull", self.pull_threads) if method == "pull" else self.executor
         call = pool.submit(self._docker, method, *args, **kwargs)
         # An interrupted spawn waits for the calls it started (a `docker start` runs on in its
         # thread) before it removes what they made and gives its devices back.
@@ -606,7 +533,7 @@ class GPUSpawner(DockerSpawner):
         """
         kwargs = dict(kwargs, labels=labels.merge_labels(kwargs.get("labels"), self.container_labels()))
         host_config = dict(kwargs.get("host_config") or {})
-        requests = injection.device_requests(self.gpu_devices, mode=self.device_injection)
+        requests = injection.device_requests(self.gpu_devices, mode=self._injection_mode)
         if requests:  # a DeviceRequest the admin configured stays, for the check to refuse
             host_config["DeviceRequests"] = list(host_config.get("DeviceRequests") or ()) + requests
         # The hub removes its containers itself (on stop, or once it has read how one died), so
@@ -619,7 +546,7 @@ class GPUSpawner(DockerSpawner):
                 f"recorded {self._spawn_image}; tell an admin (a setting changes the image after gpuspawner chose it)."
             )
         try:
-            injection.check_create_request(kwargs, granted=self.gpu_devices, mode=self.device_injection)
+            injection.check_create_request(kwargs, granted=self.gpu_devices, mode=self._injection_mode)
         except injection.InjectionError as e:
             self.log.error("Refused to create the container of %s: %s", self._log_name, e)
             raise web.HTTPError(500, f"{e} The server was not created; tell an admin.") from None
@@ -628,7 +555,7 @@ class GPUSpawner(DockerSpawner):
     @property
     def executor(self) -> ThreadPoolExecutor:
         """The hub's bounded pool for Docker calls (DockerSpawner has one thread for everyone)."""
-        return _hub.pool("docker", self.docker_threads)
+        return resources.pool("docker", self.docker_threads)
 
     async def engine_claims(self, inventory: Inventory) -> dict[str, Holder]:
         """UUID -> holder for every running container on the engine, read from it now.
@@ -640,15 +567,15 @@ class GPUSpawner(DockerSpawner):
         running = await self.docker("containers")
         others = [c for c in running if (c.get("Labels") or {}).get(labels.HUB) != self.hub_id]
         for c in others:
-            if c["Id"] not in _hub.foreign:
+            if c["Id"] not in resources.foreign:
                 try:
-                    _hub.foreign[c["Id"]] = await self.docker("inspect_container", c["Id"])
+                    resources.foreign[c["Id"]] = await self.docker("inspect_container", c["Id"])
                 except docker.errors.NotFound:
                     continue
         seen = {c["Id"] for c in others}
-        for gone in set(_hub.foreign) - seen:
-            del _hub.foreign[gone]
-        claims = foreign_claims([_hub.foreign[i] for i in seen if i in _hub.foreign], inventory)
+        for gone in set(resources.foreign) - seen:
+            del resources.foreign[gone]
+        claims = foreign_claims([resources.foreign[i] for i in seen if i in resources.foreign], inventory)
         claims.update(claims_from_containers(running, hub_id=self.hub_id))
         return claims
 
@@ -658,7 +585,7 @@ class GPUSpawner(DockerSpawner):
     def group_names(self) -> list[str]:
         return [g.name for g in self.user.groups]
 
-    async def resolved_profiles(self) -> tuple[profiles.Profile, ...]:
+    async def resolved_profiles(self) -> tuple[Profile, ...]:
         """The configured profiles, calling the callable form; a bad result is the hub's fault (500)."""
         value = self.profiles
         if callable(value):
@@ -666,29 +593,24 @@ class GPUSpawner(DockerSpawner):
             if inspect.isawaitable(value):
                 value = await value
         try:
-            return profiles.parse_profiles(value, where="GPUSpawner.profiles", pinning=self.image_pinning)
+            return profiles.parse_profiles(value, where="GPUSpawner.profiles", pinning=self._pinning)
         except settings.ConfigError as e:
             self.log.error("Bad GPUSpawner.profiles for %s: %s", self._log_name, e)
             raise web.HTTPError(500, f"The hub's profiles are misconfigured; tell an admin. ({e})") from None
 
-    def _use_profile(self, profile: profiles.Profile | None) -> GPURequest:
-        """Settings for this spawn, built fresh from the profile and the values configured now.
+    def _apply_plan(self, plan: SpawnPlan) -> None:
+        """Set this spawn's settings where DockerSpawner reads them.
 
         The values as they stand when the spawn begins (configuration, group overrides, a
         pre-spawn hook) are put back when it ends (:meth:`_restore_configured`), so one
         spawn's profile never leaks into the next, and the next sees what is configured then.
         """
-        base = self._configured = {"image": self.image, "mem_limit": self.mem_limit, "cpu_limit": self.cpu_limit}
-        self._profile = profile
-        if profile is None:
-            self.profile_slug = ""
-            self.image, self.mem_limit, self.cpu_limit = base["image"], base["mem_limit"], base["cpu_limit"]
-            return self.requested_gpus
-        self.profile_slug = profile.slug
-        self.image = str(profile.image)
-        self.mem_limit = profile.mem_limit if profile.mem_limit is not None else base["mem_limit"]
-        self.cpu_limit = profile.cpu_limit if profile.cpu_limit is not None else base["cpu_limit"]
-        return profile.gpus
+        self._configured: dict[str, Any] = {"image": self.image, "mem_limit": self.mem_limit, "cpu_limit": self.cpu_limit}
+        self._plan = plan
+        self.profile_slug = plan.profile_slug
+        self.image = plan.image
+        self.mem_limit = plan.mem_limit
+        self.cpu_limit = plan.cpu_limit
 
     def _restore_configured(self) -> None:
         base = self.__dict__.pop("_configured", None)
@@ -727,34 +649,13 @@ class GPUSpawner(DockerSpawner):
         inventory, claims = _NO_GPUS, {}
         if any(p.gpus.wants_gpu for p in mine):
             inventory = await self._inventory_or_problem()
-            claims = _hub.book.merged(await self.engine_claims(inventory))
-        threshold = settings.parse_bytes(self.busy_memory_threshold, where="GPUSpawner.busy_memory_threshold")
-        entries = []
-        for p in mine:
-            avail = availability(p.gpus, inventory, claims, holder=self.holder, busy_memory_threshold=threshold)
-            entries.append({
-                "slug": p.slug, "display_name": p.display_name, "description": p.description,
-                "image": str(p.image), "resources": p.resources(), "availability": avail.text,
-                "startable": avail.startable, "selectable": avail.startable or self.gpu_wait_timeout > 0,
-                "checked": False,
-            })
-        # Pre-select the user's last choice, else the default profile, else the first that can start.
-        default_slug = (profiles.default_profile(mine) or mine[0]).slug if mine else None
-        wanted = [(self.user_options or {}).get("profile"), default_slug]
-        selectable = [e for e in entries if e["selectable"]]
-        chosen = next((e for slug in wanted for e in selectable if e["slug"] == slug), selectable[0] if selectable else None)
-        if chosen is not None:
-            chosen["checked"] = True
-        return self._form_template().render(profiles=entries, waiting=self.gpu_wait_timeout > 0)
-
-    def _form_template(self) -> jinja2.Template:
-        if self.profile_form_template:
-            path = Path(self.profile_form_template)
-            loader = jinja2.FileSystemLoader(str(path.parent))
-            name = path.name
-        else:
-            loader, name = jinja2.FileSystemLoader(str(TEMPLATES)), "profiles.html"
-        return jinja2.Environment(loader=loader, autoescape=True).get_template(name)
+            claims = resources.book.merged(await self.engine_claims(inventory))
+        entries = form_entries(
+            mine, inventory, claims, holder=self.holder,
+            busy_memory_threshold=settings.parse_bytes(self.busy_memory_threshold, where="GPUSpawner.busy_memory_threshold"),
+            waiting=self.gpu_wait_timeout > 0, last_choice=(self.user_options or {}).get("profile"),
+        )
+        return render_form(entries, waiting=self.gpu_wait_timeout > 0, template_file=self.profile_form_template)
 
     # --- Allocation --------------------------------------------------------------------------
 
@@ -764,7 +665,7 @@ class GPUSpawner(DockerSpawner):
         return settings.parse_gpu_request(self.gpu_request, where="GPUSpawner.gpu_request")
 
     def nvml_reader(self) -> NVMLInventory:
-        return _hub.inventory(self.nvml_cache_seconds, self.nvml_timeout)
+        return resources.inventory(self.nvml_cache_seconds, self.nvml_timeout)
 
     async def _inventory_or_problem(self) -> Inventory:
         """The inventory; where NVML hangs, an empty one saying so (the form shows it)."""
@@ -786,8 +687,8 @@ class GPUSpawner(DockerSpawner):
                 inventory = await self.nvml_reader().get()
             except NVMLTimeout as e:
                 raise web.HTTPError(503, str(e)) from None
-            async with _hub.lock:
-                claims = _hub.book.merged(await self.engine_claims(inventory))
+            async with resources.lock:
+                claims = resources.book.merged(await self.engine_claims(inventory))
                 over_quota = quota_refusal(request, claims, holder=self.holder, quota=quota)
                 if over_quota:
                     raise web.HTTPError(403, over_quota)
@@ -795,13 +696,13 @@ class GPUSpawner(DockerSpawner):
                     request, inventory, claims, holder=self.holder, busy_memory_threshold=threshold
                 )
                 if isinstance(result, Grant):
-                    _hub.book.reserve(self.audit_record_id, self.holder, result.uuids)
+                    resources.book.reserve(self.audit_record_id, self.holder, result.uuids)
                     return result
             self.log.info("No devices for %s: %s", self._log_name, result.message(admin=True))
             remaining = deadline - time.monotonic()
             if not result.can_wait or remaining <= 0:
                 raise web.HTTPError(503, result.message(admin=self.user.admin))
-            self._progress(
+            self.progress_log.say(
                 f"Waiting for a free GPU ({time.monotonic() - waited_since:.0f} s of "
                 f"{deadline - waited_since:.0f} s): {result.message()}"
             )
@@ -858,7 +759,7 @@ class GPUSpawner(DockerSpawner):
                         500, f"Image {image} is not on this host and DockerSpawner.pull_policy is {self.pull_policy!r}."
                     ) from None
         ref = images.parse_image(image)
-        self._progress(f"Pulling image {image}")
+        self.progress_log.say(f"Pulling image {image}")
         self.log.info("Pulling %s for %s", image, self._log_name)
         await self.docker(
             "pull", ref.familiar_name if ref.registry == images.DEFAULT_REGISTRY else ref.name,
@@ -867,89 +768,58 @@ class GPUSpawner(DockerSpawner):
         pulled: dict[str, Any] = await self.docker("inspect_image", image)
         return pulled
 
-    async def resolve_image(self, image: str) -> dict[str, Any]:
+    async def resolve_image(self, image: str) -> ResolvedImage:
         """Pull if needed, then what the audit records: repository digest, image ID, OCI labels."""
-        self._progress(f"Checking image {image}")
-        info = await self._pulled_image_info(image)
-        ref = images.parse_image(image)
-        repo_digest = images.repo_digest_for(ref, info.get("RepoDigests") or [])
-        found: dict[str, Any] = {
-            "image_requested": image,
-            "repo_digest": repo_digest,
-            "image_id": info["Id"],
-            "image_labels": {
-                k: v for k, v in ((info.get("Config") or {}).get("Labels") or {}).items()
-                if k.startswith("org.opencontainers.image.")
-            },
-            "note": None if repo_digest else (
-                f"Image {image} ({info['Id']}) has no repository digest: it was built here or never "
-                "pushed, so it cannot be pulled on another host."
-            ),
-        }
-        self._progress(f"Image {repo_digest or info['Id']}")
+        self.progress_log.say(f"Checking image {image}")
+        found = resolved_image(image, await self._pulled_image_info(image))
+        self.progress_log.say(f"Image {found.shown}")
         return found
 
     # --- Audit -------------------------------------------------------------------------------
 
     def audit_store(self) -> AsyncAuditStore:
-        return _hub.audit(self.audit_db_url, key_file=self.audit_key_file, head_file=self.audit_head_file)
-
-    def _audit_update(self, **changes: Any) -> None:
-        """Queue a change to this spawn's record; the spawn goes on while the audit thread writes it.
-
-        ``_audit_written()`` waits for what was queued: ``start()`` does before it hands the
-        server to the hub, so no server runs with a record that failed to say what it is.
-        """
-        self._audit_writes.append(self.audit_store().update_soon(self.audit_record_id, **changes))
-
-    async def _audit_written(self) -> None:
-        """Wait for the queued changes; raise the first that failed, unless the record was sealed."""
-        writes, self._audit_writes = self._audit_writes, []
-        for result in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(result, AuditRecordSealed):  # the spawn ended while this was on its way
-                self.log.debug("Audit record of %s not updated: %s", self._log_name, result)
-            elif isinstance(result, AuditStoreError):
-                raise web.HTTPError(
-                    500, "The hub could not write this server's audit record, so it does not start it; tell an admin."
-                ) from result
-            elif isinstance(result, BaseException):
-                raise result
-
-    async def _audit_finish(self, record_id: str, **changes: Any) -> None:
-        """Close a record; never raises. A database that does not answer gets the change later."""
-        try:
-            await self._audit_written()
-        except Exception as e:
-            self.log.error("A change to the audit record of %s was not written: %s", self._log_name, e)
-        await close_record(self.audit_store(), record_id, self.log, stopped_at=seams.now_iso(), **changes)
+        return resources.audit(self.audit_db_url, key_file=self.audit_key_file, head_file=self.audit_head_file)
 
     async def _docker_version(self) -> str | None:
-        if _hub.docker_version is None:
-            _hub.docker_version = (await self.docker("version")).get("Version")
-        return _hub.docker_version
-
-    async def _watch_until_ready(self, record_id: str) -> None:
-        """Note when JupyterHub has seen the server answer (it keeps that to itself)."""
-        deadline = time.monotonic() + self.http_timeout + 60
-        try:
-            while self.pending == "spawn" and time.monotonic() < deadline:
-                await asyncio.sleep(0.25)
-            if self.ready and self.audit_record_id == record_id:
-                self._audit_update(outcome="running", ready_at=seams.now_iso())
-                await self._audit_written()
-        except Exception:
-            self.log.exception("Could not note that %s is ready in its audit record", self._log_name)
+        if resources.docker_version is None:
+            resources.docker_version = (await self.docker("version")).get("Version")
+        return resources.docker_version
 
     # --- Start, poll and stop ----------------------------------------------------------------
 
     async def start(self) -> Any:
-        """Record the spawn, then start it; whatever happens, the record says how it ended.
+        """Record the spawn, then plan, allocate, resolve the image, create and start; whatever
+        happens, the record says how it ended.
 
         A spawn that fails or is interrupted (the user cancels, ``start_timeout``) removes what
         it created and gives its devices back only once its container is known not to run.
         """
-        self._progress_events = []
+        self.progress_log.clear()
         self._spawn_image = None
+        record_id = await self._begin_record()
+        try:
+            plan = await self._plan_spawn()
+            await self._allocate_for(plan)
+            await self._resolve_image_for(plan)
+            result = await self._create_and_start()
+            await self.recorder.flush()
+        except asyncio.CancelledError as e:
+            # Interrupted (the user cancelled, start_timeout): JupyterHub goes on at once; the
+            # clean-up runs on, and the devices stay claimed until the container is gone.
+            resources.keep(self._end_failed_spawn(record_id, e, container_id=self.object_id))
+            raise
+        except BaseException as e:
+            await self._end_failed_spawn(record_id, e, container_id=self.object_id)
+            raise
+        self._spawning = False
+        resources.keep(self.recorder.watch_ready(
+            record_id, starting=lambda: self.pending == "spawn",
+            ready=lambda: bool(self.ready) and self.audit_record_id == record_id, timeout=self.http_timeout + 60,
+        ))
+        return result
+
+    async def _begin_record(self) -> str:
+        """Write this spawn's new record; its id. HTTP 400 for options too large to keep, before any record."""
         # Before the record: options too large to keep are refused, and this attempt leaves no
         # record behind (it decided nothing, and sealed records can never be deleted).
         self.audit_record_id = ""
@@ -967,41 +837,19 @@ class GPUSpawner(DockerSpawner):
         # Set before the insert, so the hub's reconciliation never takes the new record for a lost one.
         self.audit_record_id = record.id
         self._spawning = True
-        inserting = _hub.keep(self.audit_store().insert(record))
         try:
-            await asyncio.shield(inserting)
-        except asyncio.CancelledError as e:  # interrupted while the record is written: close it once it is
+            await self.recorder.begin(record)
+        except asyncio.CancelledError:  # interrupted while the record is written: it is closed once it is
             self._spawning = False
-            _hub.keep(self._close_after_insert(inserting, record.id, e))
             raise
-        except Exception as e:
+        except Exception:
             self._spawning = False
             self.audit_record_id = ""
-            self.log.error("Cannot write the audit record of %s: %s", self._log_name, e)
-            raise web.HTTPError(500, "The hub cannot write its audit record, so it starts no server; tell an admin.") from e
-        try:
-            result = await self._start_recorded()
-            await self._audit_written()
-        except asyncio.CancelledError as e:
-            # Interrupted (the user cancelled, start_timeout): JupyterHub goes on at once; the
-            # clean-up runs on, and the devices stay claimed until the container is gone.
-            _hub.keep(self._end_failed_spawn(record.id, e, container_id=self.object_id))
             raise
-        except BaseException as e:
-            await self._end_failed_spawn(record.id, e, container_id=self.object_id)
-            raise
-        self._spawning = False
-        _hub.keep(self._watch_until_ready(record.id))
-        return result
+        return record.id
 
-    async def _close_after_insert(self, inserting: asyncio.Future[Any], record_id: str, error: BaseException) -> None:
-        try:
-            await inserting
-        except Exception:
-            return  # never written: nothing to close
-        await self._audit_finish(record_id, outcome="failed", error=_error_text(error))
-
-    async def _start_recorded(self) -> Any:
+    async def _plan_spawn(self) -> SpawnPlan:
+        """This spawn's settings from the user's profile and the values configured now; applied and recorded."""
         configured = await self.resolved_profiles()
         profile = None
         if configured:
@@ -1011,68 +859,79 @@ class GPUSpawner(DockerSpawner):
                 )
             except profiles.OptionsError as e:
                 raise web.HTTPError(e.status, e.message) from None
-            self._progress(f"Profile: {profile.display_name} ({profile.resources()})")
-        request = self._use_profile(profile)
+            self.progress_log.say(f"Profile: {profile.display_name} ({profile.resources()})")
         image_option = (self.user_options or {}).get("image") if profile is None else None
-        if image_option:  # DockerSpawner's allowed_images: resolved here, before it is recorded and pinned
-            self.image = await self._allowed_image_option(image_option)
-        environment = audit.without_secrets(self._configured_environment(), extra_names=self.audit_redact_names)
-        profile_hash = audit.content_hash(profiles.profile_config(profile)) if profile else None
-        self._audit_update(
-            profile=profile.slug if profile else None,
-            profile_hash=profile_hash,
+        # DockerSpawner's allowed_images: resolved here, before it is recorded and pinned.
+        allowed = await self._allowed_image_option(image_option) if image_option else None
+        plan = spawn_plan(profile, Configured(
+            image=self.image, mem_limit=self.mem_limit, cpu_limit=self.cpu_limit,
+            environment=self.environment or {}, gpu_request=self.gpu_request,
+        ), image_option=allowed)
+        self._apply_plan(plan)
+        self.recorder.note_request(
+            self.audit_record_id,
+            profile=plan.profile_slug or None,
+            profile_hash=plan.profile_hash,
             image_requested=self.image,
             cpu_limit=self.cpu_limit,
             mem_limit=_bytes_or_none(self.mem_limit),
-            environment=environment,
+            environment=self._recorded_environment(plan),
         )
-        if request.wants_gpu:
-            self._progress(f"Looking for {request.describe()}")
-            grant = await self.allocate_devices(request)
+        return plan
+
+    def _recorded_environment(self, plan: SpawnPlan) -> dict[str, str]:
+        return audit.without_secrets(plan.environment, extra_names=self.audit_redact_names)
+
+    async def _allocate_for(self, plan: SpawnPlan) -> None:
+        """The devices of `plan`, claimed for this server and recorded; none and no claim for CPU only."""
+        if plan.gpus.wants_gpu:
+            self.progress_log.say(f"Looking for {plan.gpus.describe()}")
+            grant = await self.allocate_devices(plan.gpus)
         else:
             grant = Grant(devices=())  # CPU-only: no lock, no NVML, no claim
         self.gpu_devices = grant.uuids
         if grant.devices:
             self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
-            self._progress("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
+            self.progress_log.say("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
             inventory = await self.nvml_reader().get()
-            self._audit_update(
-                devices=tuple(
-                    audit.RecordedDevice(uuid=d.uuid, model=d.model, memory_total=d.memory_total,
-                                         mig_parent=d.parent_uuid, mig_profile=d.mig_profile)
-                    for d in grant.devices
-                ),
-                driver_version=inventory.driver_version,
+            self.recorder.note_devices(self.audit_record_id, device_facts(
+                grant.devices, driver_version=inventory.driver_version,
                 cuda_driver_version=inventory.cuda_driver_version,
-            )
+            ))
+
+    async def _resolve_image_for(self, plan: SpawnPlan) -> None:
+        """Resolve the plan's image (pulled if needed), pin it to its digest and record it."""
         resolved = await self.resolve_image(self.image)
-        if self.pin_to_digest and resolved["repo_digest"]:
-            self.image = images.parse_image(resolved["repo_digest"]).by_digest()
+        if self.pin_to_digest and resolved.repo_digest:
+            self.image = images.parse_image(resolved.repo_digest).by_digest()
         self._spawn_image = self.image
         self._settings_hash = labels.settings_hash({
-            "image": self.image, "image_id": resolved["image_id"], "devices": self.gpu_devices,
-            "cpu_limit": self.cpu_limit, "mem_limit": self.mem_limit, "environment": environment,
-            "profile": profile.slug if profile else None, "profile_hash": profile_hash,
+            "image": self.image, "image_id": resolved.image_id, "devices": self.gpu_devices,
+            "cpu_limit": self.cpu_limit, "mem_limit": self.mem_limit, "environment": self._recorded_environment(plan),
+            "profile": plan.profile_slug or None, "profile_hash": plan.profile_hash,
         })
-        self._audit_update(docker_version=await self._docker_version(), **resolved)
+        self.recorder.note_image(self.audit_record_id, resolved, docker_version=await self._docker_version())
+
+    async def _create_and_start(self) -> Any:
+        """Create the container (or keep one made from the same settings) and start it."""
         await self._replace_kept_container_if_changed()
         result = await super().start()
         # It runs: its labels hold the devices from now on.
-        _hub.book.release(self.audit_record_id)
+        resources.book.release(self.audit_record_id)
         self._restore_configured()
         return result
 
     async def _end_failed_spawn(self, record_id: str, error: BaseException, *, container_id: str) -> None:
         """After a failed or interrupted spawn: remove its container, free its devices, close its record."""
         if await self._remove_spawned_container(record_id, container_id):
-            _hub.book.release(record_id)
+            resources.book.release(record_id)
         else:  # the engine could not say: keep the devices until the hub's reconciliation can
-            _hub.book.keep_unconfirmed(record_id)
+            resources.book.keep_unconfirmed(record_id)
         if self.audit_record_id == record_id:  # no later spawn of this server has begun meanwhile
             self.gpu_devices = ()
             self._spawn_image = None
             self._restore_configured()
-        await self._audit_finish(record_id, outcome="failed", error=_error_text(error))
+        await self.recorder.finish(record_id, outcome="failed", error=error_text(error))
         if self.audit_record_id == record_id:
             self._spawning = False
 
@@ -1109,13 +968,6 @@ class GPUSpawner(DockerSpawner):
             raise
         return allowed
 
-    def _configured_environment(self) -> dict[str, str]:
-        env = {k: v for k, v in (self.environment or {}).items() if isinstance(v, str)}
-        profile = getattr(self, "_profile", None)
-        if profile is not None:
-            env.update(profile.environment)
-        return env
-
     async def check_allowed(self, image: str) -> str:
         """DockerSpawner's check of a user's ``image`` option; within a spawn, the image it resolved."""
         if self._spawn_image is not None:
@@ -1125,20 +977,16 @@ class GPUSpawner(DockerSpawner):
 
     async def _record_container(self, container_id: str) -> None:
         info = await self.docker("inspect_container", container_id)
-        await self.audit_store().update(
-            self.audit_record_id,
-            container_id=container_id,
-            container_name=self.container_name,
-            container_image_id=info.get("Image"),
-            device_requests=tuple((info.get("HostConfig") or {}).get("DeviceRequests") or ()),
+        await self.recorder.note_container(
+            self.audit_record_id, container_id=container_id, container_name=self.container_name, inspection=info
         )
 
     async def start_object(self) -> None:
-        self._progress("Starting container")
+        self.progress_log.say("Starting container")
         # What the engine made of the request (a new or a kept container), read while it starts.
-        self._audit_writes.append(_hub.keep(self._record_container(self.container_id)))
+        self.recorder.note_container_soon(resources.keep(self._record_container(self.container_id)))
         await super().start_object()
-        self._audit_update(outcome="starting", started_at=seams.now_iso())
+        self.recorder.note_started(self.audit_record_id)
 
     async def poll(self) -> Any:
         """None while the container runs; else its exit status, and its record says how it ended.
@@ -1150,8 +998,11 @@ class GPUSpawner(DockerSpawner):
         container = await self.get_object()
         if container is not None and container["State"].get("Running"):
             return None
-        if self.audit_record_id and not self._spawning:
-            await self._audit_finish(self.audit_record_id, **reconcile.ended_container_changes(container))
+        # the container's own label names the spawn that made it, where the server's state may not
+        # (a hub killed mid-spawn resumes the server without it)
+        record_id = self.audit_record_id or _record_label(container)
+        if record_id and not self._spawning:
+            await self.recorder.finish(record_id, **reconcile.ended_container_changes(container))
             if container is not None and self.remove:
                 await self.remove_object()
                 self.object_id = ""
@@ -1161,45 +1012,46 @@ class GPUSpawner(DockerSpawner):
         return f"ExitCode={state.get('ExitCode')}, Error='{state.get('Error')}', FinishedAt={state.get('FinishedAt')}"
 
     async def stop(self, now: bool = False) -> None:
+        """Stop the container; its record says whether the server had ever answered.
+
+        The record closed is the one the server's state names and the one the container's label
+        names, where they differ: a server JupyterHub resumed after the hub was killed mid-spawn
+        has the container but not the record in its state. A failing spawn closes its own record.
+        """
         never_answered = bool(getattr(self, "_waiting_for_response", False))
+        record_ids = [self.audit_record_id]
+        if not self._spawning:
+            record_ids.append(_record_label(await self.get_object()))
         await super().stop(now=now)
-        if self.audit_record_id and not self._spawning:  # a failing spawn closes its own record
-            if never_answered:  # JupyterHub stops a server that did not answer within http_timeout
-                await self._audit_finish(
-                    self.audit_record_id, outcome="failed",
-                    error=f"The server did not answer within {self.http_timeout:.0f} s, so the hub stopped it.",
-                )
-            else:
-                await self._audit_finish(self.audit_record_id, outcome="stopped")
+        if self._spawning:
+            return
+        for record_id in dict.fromkeys(filter(None, record_ids)):
+            await self.recorder.finish(record_id, **await self._ending(record_id, never_answered=never_answered))
+
+    async def _ending(self, record_id: str, *, never_answered: bool) -> dict[str, Any]:
+        """How a stopped server's record ends: failed if it never answered, stopped otherwise."""
+        if never_answered:  # JupyterHub stops a server that did not answer within http_timeout
+            return {"outcome": "failed", "error": f"The server did not answer within {self.http_timeout:.0f} s, so the hub stopped it."}
+        record = await self.audit_store().get(record_id)
+        if record is not None and record.outcome in ("requested", "starting"):
+            # JupyterHub resumed it after a hub restart and gave up waiting (its flag is cleared by
+            # then), or the user stopped it while the hub waited for it: it never ran.
+            return {"outcome": "failed", "error": "The server was stopped before it ever answered the hub."}
+        return {"outcome": "stopped"}
 
     # --- Progress ----------------------------------------------------------------------------
 
-    _progress_events: list[dict[str, Any]]
-
-    def _progress(self, message: str) -> None:
-        events = getattr(self, "_progress_events", None)
-        if events is None:
-            events = self._progress_events = []
-        events.append({"progress": min(10 + 10 * len(events), 90), "message": message})
-
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """What the user sees while the server starts (JupyterHub stops reading once it is up)."""
-        sent = 0
-        while True:
-            events = getattr(self, "_progress_events", [])
-            while sent < len(events):
-                yield events[sent]
-                sent += 1
-            await asyncio.sleep(0.5)
+        async for event in self.progress_log.follow():
+            yield event
 
 
-def _error_text(e: BaseException) -> str:
-    """Why a spawn failed, for its record: clipped, since a record can never shrink once sealed."""
-    if isinstance(e, web.HTTPError):
-        return userinput.clip(f"HTTP {e.status_code}: {e.log_message}")
-    if isinstance(e, asyncio.CancelledError):
-        return "the spawn was cancelled (timed out, or the hub stopped it)"
-    return userinput.clip(f"{type(e).__name__}: {e}")
+def _record_label(container: dict[str, Any] | None) -> str:
+    """The audit record a container was made for (its ``gpuspawner.record`` label), or ""."""
+    if container is None:
+        return ""
+    return str((container.get("Config", {}).get("Labels") or {}).get(labels.RECORD, ""))
 
 
 def _bytes_or_none(value: Any) -> int | None:
@@ -1213,235 +1065,3 @@ def _trait_check(parse: Any, value: Any, where: str) -> None:
         parse(value, where=where)
     except settings.ConfigError as e:
         raise TraitError(str(e)) from None
-
-
-_MISSING: Any = object()
-
-
-def config_value(config: Config, name: str, *, cls: type = GPUSpawner, fallback: Any = _MISSING) -> Any:
-    """The value `name` has in `config` for `cls`, as traitlets would resolve it (subclass sections win)."""
-    found = fallback
-    for klass in reversed(cls.mro()):
-        section = klass.__name__
-        if section in config and name in config[section]:
-            found = config[section][name]
-    return found
-
-
-def check_config(config: Config, cls: type = GPUSpawner) -> None:
-    """Check gpuspawner's settings in a hub's configuration; raise ConfigError naming the first bad one.
-
-    The hub runs this when it loads GPUSpawner, so a bad value stops the hub at start rather
-    than failing spawns later.
-    """
-    checks = [
-        ("GPUSpawner", "gpu_request", settings.parse_gpu_request),
-        ("GPUSpawner", "busy_memory_threshold", settings.parse_bytes),
-        ("GPUSpawner", "gpu_wait_timeout", settings.parse_seconds),
-        ("GPUSpawner", "nvml_cache_seconds", settings.parse_seconds),
-        ("GPUSpawner", "docker_threads", settings.parse_threads),
-        ("GPUSpawner", "pull_threads", settings.parse_threads),
-        ("GPUSpawner", "audit_redact_names", audit.parse_redact_names),
-        ("GPUSpawner", "max_user_options_bytes", userinput.parse_max_options_bytes),
-        ("DockerSpawner", "extra_host_config", settings.check_extra_host_config),
-    ]
-    for owner, name, parse in checks:
-        v = config_value(config, name, cls=cls)
-        if v is not _MISSING and not callable(v):
-            parse(v, where=f"{owner}.{name}")
-    for name, allowed in (("device_injection", ("nvidia", "cdi")), ("image_pinning", ("tag", "digest"))):
-        v = config_value(config, name, cls=cls)
-        if v is not _MISSING and v not in allowed:
-            raise settings.ConfigError(
-                f"GPUSpawner.{name} is {v!r}; allowed: {' or '.join(repr(a) for a in allowed)}."
-            )
-    per_user = config_value(config, "max_gpus_per_user", cls=cls)
-    if per_user is not _MISSING and per_user is not None:
-        settings.parse_count(per_user, where="GPUSpawner.max_gpus_per_user")
-    per_group = config_value(config, "max_gpus_per_group", cls=cls, fallback={})
-    if not isinstance(per_group, dict):
-        raise settings.ConfigError(
-            f"GPUSpawner.max_gpus_per_group is {per_group!r}; allowed: a dict of group name to GPU count."
-        )
-    for group, count in per_group.items():
-        settings.parse_count(count, where=f"GPUSpawner.max_gpus_per_group[{group!r}]")
-    configured = config_value(config, "profiles", cls=cls)
-    if configured is not _MISSING and not callable(configured):
-        pinning = config_value(config, "image_pinning", cls=cls, fallback="tag")
-        profiles.parse_profiles(configured, where="GPUSpawner.profiles", pinning=pinning)
-
-
-_check_scheduled = False
-
-
-def check_when_the_hub_starts() -> None:
-    """Check the hub's configuration once it has loaded, so bad config stops the hub at start.
-
-    Called whenever ``gpuspawner.GPUSpawner`` is looked up (see ``gpuspawner/__init__.py``):
-    JupyterHub does that when it applies ``spawner_class = "gpu"`` from its config file, a
-    moment before the values are merged into ``app.config``. So the check runs on the event
-    loop's next turn, still inside the hub's start-up, before anyone can spawn. A bad value is
-    logged as one critical line naming the setting, and the hub exits with status 1.
-    """
-    global _check_scheduled
-    from jupyterhub.app import JupyterHub
-
-    if _check_scheduled or not JupyterHub.initialized():
-        return
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # not inside the hub's start-up (a script, the CLI, a test)
-        return
-    app = JupyterHub.instance()
-
-    def check() -> None:
-        try:
-            check_config(app.config)
-        except settings.ConfigError as e:
-            app.log.critical("Bad configuration: %s", e)
-            app.exit(1)
-        _hub.keep(maintain(app))
-
-    _check_scheduled = True
-    loop.call_soon(check)
-
-
-@dataclass(frozen=True)
-class HubSettings:
-    """What the hub process as a whole uses, resolved from its configuration as a spawner would."""
-
-    hub_id: str
-    audit_db_url: str
-    busy_memory_threshold: int
-    audit_key_file: str
-    audit_head_file: str
-    audit_redact_names: tuple[str, ...] = ()
-
-
-def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
-    """hub_id, the audit database and its key files, and the busy threshold, from the hub's configuration."""
-    db_url = _hub_db_url() or "sqlite:///jupyterhub.sqlite"
-    key_file = config_value(config, "audit_key_file", fallback="") or str(_data_folder(db_url) / AUDIT_KEY_FILE)
-    return HubSettings(
-        hub_id=hub_id or config_value(config, "hub_id", fallback="") or stored_hub_id(db_url, create=False),
-        audit_db_url=config_value(config, "audit_db_url", fallback="") or default_audit_url(db_url, cwd=os.getcwd()),
-        busy_memory_threshold=settings.parse_bytes(
-            config_value(config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
-        ),
-        audit_key_file=key_file,
-        audit_redact_names=tuple(config_value(config, "audit_redact_names", fallback=[])),
-        audit_head_file=config_value(config, "audit_head_file", fallback="") or str(Path(key_file).with_name(AUDIT_HEAD_FILE)),
-    )
-
-
-async def close_record(store: AsyncAuditStore, record_id: str, log: Any, **changes: Any) -> None:
-    """Give a record its final state; a sealed one is left alone, and an unreachable database
-    gets the change later (``finish_eventually``). Never raises: a user sees the refusal or the
-    stop they asked for, never a database error."""
-    try:
-        await store.finish_eventually(record_id, **changes)
-    except AuditStoreError as e:
-        log.debug("Audit record %s not closed: %s", record_id, e)
-    except Exception:
-        log.exception("Could not close audit record %s", record_id)
-
-
-class _Caretaker:
-    """The user of the spawner that does the hub's upkeep: no one."""
-
-    name = "gpuspawner-caretaker"
-    admin = False
-    groups: tuple[Any, ...] = ()
-
-
-async def maintain(app: Any) -> None:
-    """The hub's own upkeep: once the hub has started, and every ``reconcile_interval`` after,
-    check its containers and records against its servers (see :mod:`gpuspawner.reconcile`)."""
-    started = getattr(app, "_start_future", None)
-    if started is not None:
-        await started  # the servers JupyterHub resumes are known only once it has started
-    spawner_class = app.spawner_class if isinstance(app.spawner_class, type) else GPUSpawner
-    if not issubclass(spawner_class, GPUSpawner):
-        spawner_class = GPUSpawner
-    # A spawner of no server: the hub's settings, resolved as for every server, and its Docker path.
-    caretaker = spawner_class(config=app.config, hub=getattr(app, "hub", None), user=_Caretaker())
-    while True:
-        try:
-            await reconcile_once(caretaker, app.log)
-        except Exception:
-            app.log.exception("gpuspawner could not check the hub's containers against its servers")
-        if caretaker.reconcile_interval <= 0:
-            return
-        await asyncio.sleep(caretaker.reconcile_interval)
-
-
-def _server_view(spawner: GPUSpawner) -> reconcile.ServerView:
-    return reconcile.ServerView(
-        user=spawner.user.name, server=spawner.name or "", active=bool(spawner.active),
-        spawning=spawner._spawning, ready=bool(spawner.ready), container_id=spawner.object_id or "",
-        record_id=spawner.audit_record_id,
-    )
-
-
-async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
-    """One check of this hub's containers, open records and unconfirmed claims; carry out the plan."""
-    hub_id = caretaker.hub_id
-    store = caretaker.audit_store()
-    listed = await caretaker.docker("containers", all=True, filters=labels.hub_filter(hub_id))
-    containers = []
-    for c in listed:
-        identity = labels.identity_from_labels(c.get("Labels"))
-        if identity is not None and identity.hub_id == hub_id:
-            containers.append(reconcile.ContainerView(
-                id=c["Id"], name=(c.get("Names") or [c["Id"][:12]])[0].lstrip("/"), user=identity.user,
-                server=identity.server, state=c.get("State", ""), record_id=(c.get("Labels") or {}).get(labels.RECORD, ""),
-            ))
-    spawners = {key: sp for key, sp in list(_hub.spawners.items())}
-    open_records = [
-        reconcile.OpenRecord(id=r.id, user=r.user, server=r.server, outcome=r.outcome)
-        for r in await store.open_records(hub_id)
-    ]
-    todo = reconcile.plan(
-        containers, [_server_view(sp) for sp in spawners.values()], open_records,
-        unconfirmed=_hub.book.unconfirmed(), remove=caretaker.remove,
-    )
-    for c in todo.stop:
-        log.warning("Stopping orphan container %s of %s/%s: no server of this hub owns it", c.name, c.user, c.server)
-        try:
-            await caretaker.docker("stop", c.id)
-            if caretaker.remove:
-                await caretaker.docker("remove_container", c.id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        if c.record_id:
-            # the hub may have died before the record learnt its container's id: say which it was
-            await close_record(store, c.record_id, log, outcome="abandoned", error=reconcile.ORPHAN_STOPPED,
-                               stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name)
-    for c in todo.ended:
-        try:
-            info = await caretaker.docker("inspect_container", c.id)
-        except docker.errors.NotFound:
-            info = None
-        await close_record(store, c.record_id, log, stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name,
-                           **reconcile.ended_container_changes(info))
-    for c in todo.remove:
-        try:
-            await caretaker.docker("remove_container", c.id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-    for record_id, changes in todo.close:
-        log.warning("Closing audit record %s: %s", record_id, changes["error"])
-        await close_record(store, record_id, log, stopped_at=seams.now_iso(), **changes)
-    for user, server, record_id in todo.adopt:
-        adopted = spawners.get((user, server))
-        if adopted is not None and not adopted.audit_record_id:
-            adopted.audit_record_id = record_id
-    for record_id in todo.now_running:
-        try:
-            await store.update(record_id, outcome="running", ready_at=seams.now_iso())
-        except AuditStoreError as e:
-            log.debug("Audit record %s not marked running: %s", record_id, e)
-    for spawn_id in todo.release:
-        log.info("Devices of failed spawn %s released: its container is not running", spawn_id)
-        _hub.book.release(spawn_id)
-    return todo

@@ -758,11 +758,7 @@ class AsyncAuditStore:
     async def _try_pending(self, policy: RetryPolicy) -> None:
         for record_id, changes in list(self._pending.items()):
             try:
-                await self.call(
-                    lambda store: self._with_unsaved(
-                        record_id, changes, lambda merged: store.finish_with(record_id, merged, policy=policy)
-                    )
-                )
+                await self.call(self._finish_queued, record_id, changes, policy)
             except AuditStoreUnavailable:
                 return  # still down: the rest would only wait as long
             except AuditStoreError as e:  # sealed meanwhile (another process), or gone
@@ -771,6 +767,10 @@ class AsyncAuditStore:
                 log.info("Audit record %s sealed after waiting for the database", record_id)
             if self._pending.get(record_id) is changes:
                 del self._pending[record_id]
+
+    def _finish_queued(self, store: AuditStore, record_id: str, changes: dict[str, Any], policy: RetryPolicy) -> AuditRecord:
+        # Runs in the audit thread: a queued final write, tried under `policy`.
+        return self._with_unsaved(record_id, changes, lambda merged: store.finish_with(record_id, merged, policy=policy))
 
     def _retry_in_background(self) -> None:
         if not any(not task.done() for task in self._tasks):

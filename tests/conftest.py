@@ -13,15 +13,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from helpers import ROOT, unavailable
 from testbed import DockerBed, Registry, docker_problem, require_docker
 from testbed.hub import HubSettings, RunningHub, chp_path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -30,13 +29,6 @@ def pytest_report_header(config: pytest.Config) -> str:
         return "docker engine: answers; end-to-end tests run"
     verdict = "they FAIL (GPUSPAWNER_REQUIRE_DOCKER=1)" if require_docker() else "end-to-end tests are skipped"
     return f"docker engine: {problem}; {verdict}"
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail where the test bed is required (CI)."""
-    if require_docker():
-        pytest.fail(f"{reason} (GPUSPAWNER_REQUIRE_DOCKER=1: the test bed must be complete)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

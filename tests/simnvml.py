@@ -37,7 +37,7 @@ import json
 import os
 import threading
 import time
-from ctypes import CFUNCTYPE, POINTER, c_char, c_int, c_uint, c_void_p
+from ctypes import CFUNCTYPE, c_char, c_int, c_uint, c_void_p
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,7 @@ def nvmlDeviceGetComputeRunningProcesses_v3(spec: _Spec, gpu: dict, mig: dict | 
         capacity.value = len(procs)
         return pynvml.NVML_ERROR_INSUFFICIENT_SIZE if procs else SUCCESS
     array = (pynvml.c_nvmlProcessInfo_v3_t * len(procs)).from_address(infos) if procs else []
-    for slot, proc in zip(array, procs):
+    for slot, proc in zip(array, procs, strict=True):
         slot.pid = int(proc["pid"])
         slot.usedGpuMemory = int(proc.get("used_memory", 0))
     capacity.value = len(procs)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpuspawner.allocation import Grant, GPURequest, Holder, Refusal, allocate
-from gpuspawner.devices import GiB, Device, Inventory, Process
+from gpuspawner.allocation import GPURequest, Grant, Holder, Refusal, allocate
+from gpuspawner.devices import Device, GiB, Inventory, Process
 
 ME = Holder("ada")
 THRESHOLD = 1 * GiB

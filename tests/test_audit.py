@@ -7,8 +7,22 @@ from dataclasses import replace
 import pytest
 
 from gpuspawner.audit import (
-    GENESIS, AuditRecord, ChainHead, OpenedEntry, RecordedDevice, SealingStart, Verification, canonical_json, key_id,
-    opening_digest, opening_json, parse_head, seal, seal_digest, verify_chain, verify_store,
+    GENESIS,
+    AuditRecord,
+    ChainHead,
+    OpenedEntry,
+    RecordedDevice,
+    SealingStart,
+    Verification,
+    canonical_json,
+    key_id,
+    opening_digest,
+    opening_json,
+    parse_head,
+    seal,
+    seal_digest,
+    verify_chain,
+    verify_store,
 )
 
 DIGEST = "sha256:" + "c" * 64

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import simnvml
-from conftest import ROOT, unavailable
-from test_e2e_gpus import container_of, sim_config
+from helpers import ROOT, container_of, sim_config, unavailable
 from testbed import DockerBed
 from testbed.hub import RunningHub
 

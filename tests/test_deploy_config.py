@@ -209,9 +209,9 @@ def test_the_audit_service_started_as_jupyterhub_starts_it_reads_the_hubs_audit_
 # --- The shipped configuration as a lab would use it ----------------------------------------------
 
 from gpuspawner.cli import REFERENCE_BEGIN, REFERENCE_END, config_reference  # noqa: E402
+from gpuspawner.hubconfig import check_config  # noqa: E402
 from gpuspawner.images import is_pinned, parse_image  # noqa: E402
 from gpuspawner.profiles import parse_profiles  # noqa: E402
-from gpuspawner.spawner import check_config  # noqa: E402
 
 ROOT = CONFIG.parent
 

@@ -7,7 +7,6 @@ import io
 import json
 import secrets
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import requests
 import simnvml
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore
-from test_e2e_gpus import container_of, sim_config
+from helpers import container_of, sim_config
 from testbed import DockerBed, Registry, free_port, wait_for
 from testbed.hub import BIN, RunningHub
 
@@ -214,10 +213,12 @@ def test_every_spawn_failed_or_not_has_a_record_and_a_changed_record_fails_verif
 
 def test_exports_show_and_reproduce(start_hub: Callable[..., RunningHub], singleuser_image: str, tmp_path: Path) -> None:
     hub = profile_hub(start_hub, singleuser_image, tmp_path)
-    for user in ("ada", "bob"):
-        assert hub.spawn(user).status_code in (201, 202, 503)
+    assert hub.spawn("ada").status_code in (201, 202)
+    refused = hub.spawn("bob")  # ada holds the only GPU
+    assert refused.status_code == 503 and refused.json()["message"].startswith("No free GPU"), refused.text
     rows = list(csv.DictReader(io.StringIO(gpuspawner_cli(hub, "audit", "export", "--format", "csv").stdout)))
     assert sorted(r["user"] for r in rows) == ["ada", "bob"]
+    assert next(r for r in rows if r["user"] == "bob")["outcome"] == "failed"
     only_ada = gpuspawner_cli(hub, "audit", "export", "--format", "jsonl", "--user", "ada").stdout.splitlines()
     assert [json.loads(line)["user"] for line in only_ada] == ["ada"]
     crate_dir = tmp_path / "crate"
@@ -274,4 +275,28 @@ c.JupyterHub.redirect_to_server = False
     for page in ("", "export.csv"):
         bad = boss.get(url + page + "?since=yesterday", timeout=60)
         assert bad.status_code == 400 and "Since is 'yesterday', which is not a time; allowed:" in bad.text, bad.text
-    assert sys.executable  # the service runs with the hub's Python (see audit_service)
+
+    # The service runs with the hub's own Python (audit_service names sys.executable), not the
+    # first "python3" on PATH, which may lack gpuspawner: it is the hub's child, started with the
+    # interpreter the hub itself runs on.
+    assert hub.process is not None
+    hub_python = command_line(hub.process.pid)[0]
+    services = [c for c in children_commands(hub.process.pid) if c[1:3] == ["-m", "gpuspawner.service"]]
+    assert [c[0] for c in services] == [hub_python], services
+
+
+def command_line(pid: int) -> list[str]:
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def children_commands(pid: int) -> list[list[str]]:
+    """The command lines of the processes whose parent is `pid` (read from Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])  # "pid (comm) state ppid …"
+            if parent == pid:
+                found.append(command_line(int(stat.parent.name)))
+        except (OSError, ValueError):  # the process ended while it was read
+            continue
+    return found

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import simnvml
-from test_e2e_gpus import container_of, read_progress, sim_config
+from helpers import container_of, read_progress, sim_config
 from testbed import DockerBed
 from testbed.hub import RunningHub
 

@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, unavailable
+from helpers import ROOT, unavailable
 from testbed import DockerBed, free_port, wait_for
 
 pytestmark = pytest.mark.docker

@@ -7,10 +7,7 @@ that is, from what dockerd really passed to the OCI runtime.
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-from typing import Any
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,35 +15,15 @@ from pathlib import Path
 import pytest
 
 import simnvml
-from testbed import DockerBed, wait_for
-from testbed.hub import BIN, RunningHub
+from helpers import container_of, gpus_cli, read_progress, sim_config
+from testbed import DockerBed
+from testbed.hub import RunningHub
 
 pytestmark = pytest.mark.docker
-
-TESTS = Path(__file__).resolve().parent
-
-
-def sim_config(spec: Path, extra: str = "") -> str:
-    """Hub configuration: GPUs from the simulated NVML, errors returned by the spawn request itself."""
-    return f"""
-import sys
-sys.path.insert(0, {str(TESTS)!r})
-import simnvml
-simnvml.install({str(spec)!r})
-c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 90}}
-c.GPUSpawner.nvml_cache_seconds = 0
-{extra}
-"""
-
 
 @pytest.fixture
 def spec(tmp_path: Path) -> Path:
     return tmp_path / "gpus.json"
-
-
-def container_of(bed: DockerBed, hub: RunningHub, user: str) -> dict:
-    (c,) = [c for c in bed.containers_labelled(f"gpuspawner.hub={hub.settings.hub_id}") if c["Labels"]["gpuspawner.user"] == user]
-    return c
 
 
 def test_twenty_users_at_once_on_eight_gpus(
@@ -63,7 +40,7 @@ def test_twenty_users_at_once_on_eight_gpus(
         hub.create_user(user)
 
     with ThreadPoolExecutor(len(users)) as pool:
-        responses = dict(zip(users, pool.map(lambda u: hub.api("POST", f"/users/{u}/server", json={}, timeout=120), users)))
+        responses = dict(zip(users, pool.map(lambda u: hub.api("POST", f"/users/{u}/server", json={}, timeout=120), users), strict=True))
 
     started = sorted(u for u, r in responses.items() if r.status_code in (201, 202))
     refused = sorted(u for u, r in responses.items() if r.status_code == 503)
@@ -157,18 +134,6 @@ c.GPUSpawner.gpu_request = 1
     assert record["devices"] == [simnvml.gpu(0)["uuid"]]
 
 
-def read_progress(hub: RunningHub, user: str, *, until: str, timeout: float = 60) -> list[str]:
-    """Messages of the spawn's progress stream (server-sent events), up to one containing `until`."""
-    messages = []
-    with hub.session.get(f"{hub.api_url}/users/{user}/server/progress", stream=True, timeout=timeout) as r:
-        for line in r.iter_lines(decode_unicode=True):
-            if line and line.startswith("data:"):
-                messages.append(json.loads(line[5:])["message"])
-                if until in messages[-1]:
-                    break
-    return messages
-
-
 def test_a_spawn_waits_for_a_gpu_and_starts_when_a_server_stops(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, spec: Path
 ) -> None:
@@ -193,15 +158,6 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 1}
     hub.stop_server("ada")
     hub.wait_ready("cyd", timeout=60)
     assert docker_bed.hook_record(container_of(docker_bed, hub, "cyd")["Id"])["devices"] == [ada_gpu]
-
-
-def gpus_cli(hub: RunningHub, *, json_out: bool = True) -> Any:
-    """`gpuspawner gpus` run as an admin would, with the hub's own config (which installs the
-    simulated NVML for the command too, reading the same GPUs)."""
-    args = [str(BIN / "gpuspawner"), "gpus", "-f", str(hub.config_file)] + (["--json"] if json_out else [])
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout) if json_out else out.stdout
 
 
 def test_after_a_hub_crash_claims_are_rebuilt_from_the_running_containers(

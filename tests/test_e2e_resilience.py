@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 
 import simnvml
-from test_e2e_gpus import container_of, sim_config
-from testbed import TESTBED_DIR, DockerBed, wait_for
-from testbed.hub import RunningHub
-
 from gpuspawner import reconcile, seams
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore, load_key
+from helpers import container_of, sim_config
+from testbed import TESTBED_DIR, DockerBed, wait_for
+from testbed.hub import RunningHub
 
 pytestmark = pytest.mark.docker
 
@@ -214,6 +213,32 @@ c.DockerSpawner.cmd = ["sh", "-c", 'sleep 8; exec jupyterhub-singleuser "$@"', "
     assert not record.sealed and record.ready_at
     hub.stop_server("ada")
     assert sealed_record(hub, "ada").outcome == "stopped"
+
+
+def test_a_server_resumed_after_a_hub_kill_that_never_answers_is_recorded_failed_with_its_container(
+    start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
+) -> None:
+    """JupyterHub resumes a server killed mid-spawn, waits for it, gives up and stops it: the
+    record of the spawn that made that container (the hub never saved it in the server's state)
+    must say so, and name the container, not be left for a later reconciliation to guess."""
+    extra = """
+c.JupyterHub.cleanup_servers = False
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+c.GPUSpawner.reconcile_interval = 3600
+c.Spawner.http_timeout = 8
+c.DockerSpawner.cmd = ["sh", "-c", "sleep 3600", "sh"]
+"""
+    hub = start_hub(extra=extra)
+    assert hub.spawn("ada").status_code == 202
+    wait_for(lambda: any(r.outcome == "starting" for r in records(hub, "ada")), timeout=60,
+             what="ada's container to be starting")
+    time.sleep(1)  # JupyterHub has stored the server and is waiting for it to answer
+    container = container_of(docker_bed, hub, "ada")
+    hub.kill()
+    hub.start()
+    record = sealed_record(hub, "ada", timeout=60)
+    assert (record.outcome, record.container_id) == ("failed", container["Id"]), record
+    assert record.error == "The server was stopped before it ever answered the hub."
 
 
 def test_a_container_of_this_hub_that_no_server_owns_is_stopped_as_an_orphan(

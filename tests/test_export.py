@@ -186,7 +186,8 @@ def test_admins_add_names_and_glob_patterns(extra: list[str], name: str, secret:
     ids=["not-a-list", "space", "empty", "not-text"],
 )
 def test_bad_redact_names_stop_the_hub_with_a_message_naming_the_setting(value: Any, message: str) -> None:
-    from gpuspawner.spawner import GPUSpawner, check_config
+    from gpuspawner.hubconfig import check_config
+    from gpuspawner.spawner import GPUSpawner
 
     with pytest.raises(ConfigError) as e:
         parse_redact_names(value, where="GPUSpawner.audit_redact_names")

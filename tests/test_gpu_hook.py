@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from conftest import unavailable
+from helpers import unavailable
 from testbed import DockerBed
 
 pytestmark = pytest.mark.docker

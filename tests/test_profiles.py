@@ -205,7 +205,7 @@ def test_a_bad_options_limit_is_refused_naming_the_setting_and_what_is_allowed(v
 def test_the_hub_refuses_to_start_with_a_bad_options_limit() -> None:
     from traitlets.config import Config
 
-    from gpuspawner.spawner import check_config
+    from gpuspawner.hubconfig import check_config
 
     config = Config()
     config.GPUSpawner.max_user_options_bytes = 10

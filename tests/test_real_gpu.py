@@ -8,7 +8,7 @@ import re
 import pytest
 
 from gpuspawner import cli, nvml
-from gpuspawner.allocation import Grant, GPURequest, Holder, allocate
+from gpuspawner.allocation import GPURequest, Grant, Holder, Refusal, allocate
 
 
 @pytest.fixture
@@ -16,11 +16,11 @@ def real_nvml() -> None:
     import pynvml
 
     if pynvml.nvmlLib is not None and type(pynvml.nvmlLib).__name__ == "_SimulatedLibrary":
-        pytest.skip("the simulated NVML is installed in this process")
+        pytest.skip("the simulated NVML is installed in this process: run tests/test_real_gpu.py on its own")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as e:
-        pytest.skip(f"no NVIDIA driver on this host ({e})")
+        pytest.skip(f"needs a real NVIDIA GPU, and no NVIDIA driver answers on this host ({e})")
 
 
 def test_real_inventory(real_nvml: None) -> None:
@@ -39,9 +39,19 @@ def test_real_inventory(real_nvml: None) -> None:
             assert re.match(r"^(GPU|MIG)-[0-9a-f-]+$", d.uuid), d.uuid
             assert d.memory_total > 0 and 0 <= d.memory_used <= d.memory_total
             assert d.pci_bus_id
+    # With no claims and a threshold no GPU's memory reaches, a whole GPU is free unless it is in
+    # MIG mode, unhealthy or running compute processes: worked out here, then asked of allocate().
+    whole = [d for d in gpus if not d.mig_enabled]
+    free = [d for d in whole if d.healthy and d.uuid and not d.processes]
     result = allocate(GPURequest(count=1), inventory, {}, holder=Holder("probe"), busy_memory_threshold=1 << 40)
-    if isinstance(result, Grant):
+    if free:
+        assert isinstance(result, Grant), result.message(admin=True)
         print("one GPU would go to:", result.uuids)
-        assert result.devices[0].healthy and not result.devices[0].mig_enabled
+        assert result.devices[0] in free
     else:
+        assert isinstance(result, Refusal), result
         print("no whole GPU free:", result.message(admin=True))
+        unhealthy = sum(1 for d in whole if not (d.healthy and d.uuid))
+        assert (result.free, result.held, result.busy, result.unhealthy) == (0, 0, len(whole) - unhealthy, unhealthy)
+        expected = "No free GPU for this server" if whole else "No GPU on this host matches"
+        assert result.message().startswith(expected), result.message()

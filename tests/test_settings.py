@@ -5,8 +5,8 @@ from traitlets.config import Config
 
 from gpuspawner.allocation import GPURequest
 from gpuspawner.devices import GiB, MiB
+from gpuspawner.hubconfig import check_config
 from gpuspawner.settings import ConfigError, parse_bytes, parse_gpu_request
-from gpuspawner.spawner import check_config
 
 WHERE = "GPUSpawner.gpu_request"
 

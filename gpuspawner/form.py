@@ -1,0 +1,59 @@
+"""The profile chooser (the spawn form): its entries, and their rendering as HTML.
+
+Each profile the user may use becomes an entry saying whether it can start now; the entries
+are rendered with gpuspawner's Jinja2 template or the admin's (``GPUSpawner.profile_form_template``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import profiles
+from .allocation import Holder, availability
+from .devices import Inventory
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def form_entries(
+    mine: Sequence[profiles.Profile], inventory: Inventory, claims: Mapping[str, Holder], *, holder: Holder,
+    busy_memory_threshold: int, waiting: bool, last_choice: Any,
+) -> list[dict[str, Any]]:
+    """One entry per profile the user may use, as the template reads them.
+
+    A profile that cannot start now is selectable only where spawns wait for devices
+    (`waiting`). The user's last choice is checked, else the default profile, else the first
+    that can be selected.
+    """
+    entries = []
+    for p in mine:
+        avail = availability(p.gpus, inventory, claims, holder=holder, busy_memory_threshold=busy_memory_threshold)
+        entries.append({
+            "slug": p.slug, "display_name": p.display_name, "description": p.description,
+            "image": str(p.image), "resources": p.resources(), "availability": avail.text,
+            "startable": avail.startable, "selectable": avail.startable or waiting,
+            "checked": False,
+        })
+    default_slug = (profiles.default_profile(mine) or mine[0]).slug if mine else None
+    wanted = [last_choice, default_slug]
+    selectable = [e for e in entries if e["selectable"]]
+    chosen = next((e for slug in wanted for e in selectable if e["slug"] == slug), selectable[0] if selectable else None)
+    if chosen is not None:
+        chosen["checked"] = True
+    return entries
+
+
+def render_form(entries: list[dict[str, Any]], *, waiting: bool, template_file: str = "") -> str:
+    """The form's HTML, from `template_file` (GPUSpawner.profile_form_template) or gpuspawner's own."""
+    if template_file:
+        path = Path(template_file)
+        loader = jinja2.FileSystemLoader(str(path.parent))
+        name = path.name
+    else:
+        loader, name = jinja2.FileSystemLoader(str(TEMPLATES)), "profiles.html"
+    template = jinja2.Environment(loader=loader, autoescape=True).get_template(name)
+    return template.render(profiles=entries, waiting=waiting)

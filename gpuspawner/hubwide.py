@@ -1,0 +1,82 @@
+"""The resources one hub process shares among all its servers, held in one named object.
+
+The NVML reader, the pending claims and the lock that makes allocation one decision at a
+time, the audit stores, the thread pools for Docker calls, the hub's identity once read, the
+live spawners (to tell a server's container from an orphan) and the background tasks. There
+is one :data:`resources` per hub process; tests start afresh with :meth:`HubResources.reset`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from .claims import ClaimBook
+from .nvml import NVMLInventory
+from .store import AsyncAuditStore
+
+if TYPE_CHECKING:
+    from .spawner import GPUSpawner
+
+
+class HubResources:
+    """What all servers of one hub process share (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._start_afresh()
+
+    def reset(self) -> None:
+        """Forget everything, as in a new hub process (for tests); the thread pools are shut down."""
+        for pool in self.pools.values():
+            pool.shutdown(wait=False)
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        self.book = ClaimBook()
+        self.nvml: NVMLInventory | None = None
+        self._lock: asyncio.Lock | None = None
+        self.stores: dict[str, AsyncAuditStore] = {}
+        self.docker_version: str | None = None
+        self.pools: dict[str, ThreadPoolExecutor] = {}
+        self.hub_id: str | None = None
+        self.spawners: weakref.WeakValueDictionary[tuple[str, str], GPUSpawner] = weakref.WeakValueDictionary()
+        self.foreign: dict[str, dict[str, Any]] = {}  # container id -> inspection, for other containers' devices
+        self.tasks: set[asyncio.Future[Any]] = set()
+
+    def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Run `aw` in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(aw)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def pool(self, name: str, threads: int) -> ThreadPoolExecutor:
+        """The hub's thread pool called `name`, made with `threads` workers on first use."""
+        if name not in self.pools:
+            self.pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"gpuspawner-{name}")
+        return self.pools[name]
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """The lock under which one spawn at a time reads the claims and chooses devices."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def inventory(self, cache_seconds: float, timeout: float) -> NVMLInventory:
+        """The hub's NVML reader, made with these settings on first use."""
+        if self.nvml is None:
+            self.nvml = NVMLInventory(cache_seconds=cache_seconds, timeout=timeout)
+        return self.nvml
+
+    def audit(self, url: str, *, key_file: str, head_file: str) -> AsyncAuditStore:
+        """The hub's audit store at `url`, opened on first use."""
+        if url not in self.stores:
+            self.stores[url] = AsyncAuditStore(url, key_file=key_file, head_file=head_file)
+        return self.stores[url]
+
+
+resources = HubResources()

@@ -1,0 +1,78 @@
+"""A spawn's settings (image, limits, environment, GPU request, profile), built fresh for each spawn.
+
+Pure: :func:`spawn_plan` takes the chosen profile and the spawner's values as configured when
+the spawn begins, and returns a frozen :class:`SpawnPlan`. Nothing configured is changed, so one
+spawn's profile never leaks into the next (see kubespawner #390).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import audit, profiles, settings
+from .allocation import GPURequest
+
+
+@dataclass(frozen=True)
+class Configured:
+    """The spawner's values as they stand when a spawn begins (configuration, group overrides,
+    a pre-spawn hook)."""
+
+    image: str
+    mem_limit: int | None  # bytes (DockerSpawner.mem_limit)
+    cpu_limit: float | None
+    environment: Mapping[str, Any]  # DockerSpawner.environment: values are strings or callables
+    gpu_request: Any  # GPUSpawner.gpu_request, validated when the configuration loaded
+
+
+@dataclass(frozen=True)
+class SpawnPlan:
+    """What one spawn asks for. ``environment`` is what the audit record keeps (before secrets are
+    redacted): the configured string values and the profile's; ``profile_environment`` is what
+    the profile adds to the server's environment."""
+
+    image: str
+    mem_limit: int | None
+    cpu_limit: float | None
+    gpus: GPURequest
+    environment: Mapping[str, str] = field(default_factory=dict)
+    profile: profiles.Profile | None = None
+    profile_hash: str | None = None  # the hash of the profile as configured, for the record
+
+    @property
+    def profile_slug(self) -> str:
+        """The profile's slug; "" without profiles."""
+        return self.profile.slug if self.profile is not None else ""
+
+    @property
+    def profile_environment(self) -> Mapping[str, str]:
+        return self.profile.environment if self.profile is not None else {}
+
+
+def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, image_option: str | None = None) -> SpawnPlan:
+    """The settings of a spawn with `profile` (None: no profiles) over the `configured` values.
+
+    A profile's image, GPUs and environment are its own; its limits, where it sets them, win over
+    the configured ones. `image_option` (without profiles) is the image the user chose from
+    ``DockerSpawner.allowed_images``, already checked.
+    """
+    environment = {k: v for k, v in configured.environment.items() if isinstance(v, str)}
+    if profile is None:
+        return SpawnPlan(
+            image=image_option if image_option is not None else configured.image,
+            mem_limit=configured.mem_limit,
+            cpu_limit=configured.cpu_limit,
+            gpus=settings.parse_gpu_request(configured.gpu_request, where="GPUSpawner.gpu_request"),
+            environment=environment,
+        )
+    return SpawnPlan(
+        image=str(profile.image),
+        mem_limit=profile.mem_limit if profile.mem_limit is not None else configured.mem_limit,
+        cpu_limit=profile.cpu_limit if profile.cpu_limit is not None else configured.cpu_limit,
+        gpus=profile.gpus,
+        environment={**environment, **profile.environment},
+        profile=profile,
+        profile_hash=audit.content_hash(profiles.profile_config(profile)),
+    )

@@ -1,0 +1,173 @@
+"""The life of a server's audit records: begin a spawn's record, note what it learns, flush, finish.
+
+A :class:`SpawnRecorder` belongs to one server (one spawner). Notes are queued and written by
+the audit store's thread while the spawn goes on; :meth:`SpawnRecorder.flush` waits for them,
+and a spawn flushes before it hands its server to the hub, so no server runs with a record
+that failed to say what it is. Closing a record never raises (:func:`close_record`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tornado import web
+
+from . import seams, userinput
+from .audit import AuditRecord
+from .facts import DeviceFacts, ResolvedImage
+from .hubwide import resources
+from .store import AsyncAuditStore, AuditRecordSealed, AuditStoreError
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+READY_POLL_SECONDS = 0.25
+
+
+async def close_record(store: AsyncAuditStore, record_id: str, log: Log, **changes: Any) -> None:
+    """Give a record its final state; a sealed one is left alone, and an unreachable database
+    gets the change later (``finish_eventually``). Never raises: a user sees the refusal or the
+    stop they asked for, never a database error."""
+    try:
+        await store.finish_eventually(record_id, **changes)
+    except AuditStoreError as e:
+        log.debug("Audit record %s not closed: %s", record_id, e)
+    except Exception:
+        log.exception("Could not close audit record %s", record_id)
+
+
+class SpawnRecorder:
+    """One server's audit records: the spawn's notes queued in order, then the record closed.
+
+    `store` gives the hub's audit store (resolved when first needed), `log` is the spawner's
+    log and `name` says which user's server the log lines concern.
+    """
+
+    def __init__(self, store: Callable[[], AsyncAuditStore], log: Callable[[], Log], name: Callable[[], str]) -> None:
+        self._store = store
+        self._log = log
+        self._name = name
+        self._writes: list[asyncio.Future[Any]] = []  # queued changes to the current record
+
+    async def begin(self, record: AuditRecord) -> None:
+        """Write a spawn's new record; HTTP 500 where it cannot be written.
+
+        Interrupted while it is written, the record is closed as failed once it is, and the
+        cancellation goes on.
+        """
+        inserting = resources.keep(self._store().insert(record))
+        try:
+            await asyncio.shield(inserting)
+        except asyncio.CancelledError as e:
+            resources.keep(self._close_after_insert(inserting, record.id, e))
+            raise
+        except Exception as e:
+            self._log().error("Cannot write the audit record of %s: %s", self._name(), e)
+            raise web.HTTPError(500, "The hub cannot write its audit record, so it starts no server; tell an admin.") from e
+
+    async def _close_after_insert(self, inserting: asyncio.Future[Any], record_id: str, error: BaseException) -> None:
+        try:
+            await inserting
+        except Exception:
+            return  # never written: nothing to close
+        await self.finish(record_id, outcome="failed", error=error_text(error))
+
+    def _note(self, record_id: str, **changes: Any) -> None:
+        self._writes.append(self._store().update_soon(record_id, **changes))
+
+    def note_request(
+        self, record_id: str, *, profile: str | None, profile_hash: str | None, image_requested: str,
+        cpu_limit: float | None, mem_limit: int | None, environment: Mapping[str, str],
+    ) -> None:
+        """Queue what the spawn asks for: its profile, image, limits and environment (without secrets)."""
+        self._note(
+            record_id, profile=profile, profile_hash=profile_hash, image_requested=image_requested,
+            cpu_limit=cpu_limit, mem_limit=mem_limit, environment=environment,
+        )
+
+    def note_devices(self, record_id: str, facts: DeviceFacts) -> None:
+        """Queue the devices the spawn was granted and the host's driver versions."""
+        self._note(
+            record_id, devices=facts.devices, driver_version=facts.driver_version,
+            cuda_driver_version=facts.cuda_driver_version,
+        )
+
+    def note_image(self, record_id: str, image: ResolvedImage, *, docker_version: str | None) -> None:
+        """Queue the image the spawn resolved, and the engine's version."""
+        self._note(
+            record_id, docker_version=docker_version, image_requested=image.requested, repo_digest=image.repo_digest,
+            image_id=image.image_id, image_labels=image.labels, note=image.note,
+        )
+
+    def note_container_soon(self, written: asyncio.Future[Any]) -> None:
+        """Count a write of the container's facts (see :meth:`note_container`) among the queued notes."""
+        self._writes.append(written)
+
+    async def note_container(
+        self, record_id: str, *, container_id: str, container_name: str, inspection: Mapping[str, Any]
+    ) -> None:
+        """Write what the engine made of the create request: the container, its image and devices."""
+        await self._store().update(
+            record_id,
+            container_id=container_id,
+            container_name=container_name,
+            container_image_id=inspection.get("Image"),
+            device_requests=tuple((inspection.get("HostConfig") or {}).get("DeviceRequests") or ()),
+        )
+
+    def note_started(self, record_id: str) -> None:
+        """Queue that the container started."""
+        self._note(record_id, outcome="starting", started_at=seams.now_iso())
+
+    def note_running(self, record_id: str) -> None:
+        """Queue that the hub has seen the server answer."""
+        self._note(record_id, outcome="running", ready_at=seams.now_iso())
+
+    async def watch_ready(
+        self, record_id: str, *, starting: Callable[[], bool], ready: Callable[[], bool], timeout: float
+    ) -> None:
+        """Note when JupyterHub has seen the server answer (it keeps that to itself): once `starting()`
+        is false, within `timeout` seconds, the record says the server runs if `ready()`. Never raises."""
+        deadline = time.monotonic() + timeout
+        try:
+            # JupyterHub sets no event when it has seen the server answer: poll its state.
+            while starting() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(READY_POLL_SECONDS)
+            if ready():
+                self.note_running(record_id)
+                await self.flush()
+        except Exception:
+            self._log().exception("Could not note that %s is ready in its audit record", self._name())
+
+    async def flush(self) -> None:
+        """Wait for the queued notes; raise the first that failed (HTTP 500), unless the record was sealed."""
+        writes, self._writes = self._writes, []
+        for result in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(result, AuditRecordSealed):  # the spawn ended while this was on its way
+                self._log().debug("Audit record of %s not updated: %s", self._name(), result)
+            elif isinstance(result, AuditStoreError):
+                raise web.HTTPError(
+                    500, "The hub could not write this server's audit record, so it does not start it; tell an admin."
+                ) from result
+            elif isinstance(result, BaseException):
+                raise result
+
+    async def finish(self, record_id: str, **changes: Any) -> None:
+        """Close a record with `changes` (``outcome``, ``error``, what the engine said of the
+        container) and the stop time; never raises. A database that does not answer gets the change later."""
+        try:
+            await self.flush()
+        except Exception as e:
+            self._log().error("A change to the audit record of %s was not written: %s", self._name(), e)
+        await close_record(self._store(), record_id, self._log(), stopped_at=seams.now_iso(), **changes)
+
+
+def error_text(e: BaseException) -> str:
+    """Why a spawn failed, for its record: clipped, since a record can never shrink once sealed."""
+    if isinstance(e, web.HTTPError):
+        return userinput.clip(f"HTTP {e.status_code}: {e.log_message}")
+    if isinstance(e, asyncio.CancelledError):
+        return "the spawn was cancelled (timed out, or the hub stopped it)"
+    return userinput.clip(f"{type(e).__name__}: {e}")

@@ -1,0 +1,157 @@
+"""The hub's start-up check and its upkeep loop (reconciling containers and records with servers).
+
+The hub's configuration is checked once it has loaded; then its containers, audit records and
+unconfirmed claims are checked against its servers, at start and every ``GPUSpawner.reconcile_interval``.
+
+What to do is decided by :mod:`gpuspawner.reconcile` (pure); this module reads the Docker engine
+and the audit store for it and carries out its plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import docker.errors
+
+from . import labels, reconcile, seams, settings
+from .hubconfig import check_config
+from .hubwide import resources
+from .recorder import close_record
+from .spawner import GPUSpawner
+from .store import AuditStoreError
+
+_check_scheduled = False
+
+
+def check_when_the_hub_starts() -> None:
+    """Check the hub's configuration once it has loaded, so bad config stops the hub at start.
+
+    Called whenever ``gpuspawner.GPUSpawner`` is looked up (see ``gpuspawner/__init__.py``):
+    JupyterHub does that when it applies ``spawner_class = "gpu"`` from its config file, a
+    moment before the values are merged into ``app.config``. So the check runs on the event
+    loop's next turn, still inside the hub's start-up, before anyone can spawn. A bad value is
+    logged as one critical line naming the setting, and the hub exits with status 1.
+    """
+    global _check_scheduled
+    from jupyterhub.app import JupyterHub
+
+    if _check_scheduled or not JupyterHub.initialized():
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not inside the hub's start-up (a script, the CLI, a test)
+        return
+    app = JupyterHub.instance()
+
+    def check() -> None:
+        try:
+            check_config(app.config)
+        except settings.ConfigError as e:
+            app.log.critical("Bad configuration: %s", e)
+            app.exit(1)
+        resources.keep(maintain(app))
+
+    _check_scheduled = True
+    loop.call_soon(check)
+
+
+class _Caretaker:
+    """The user of the spawner that does the hub's upkeep: no one."""
+
+    name = "gpuspawner-caretaker"
+    admin = False
+    groups: tuple[Any, ...] = ()
+
+
+async def maintain(app: Any) -> None:
+    """The hub's own upkeep: once the hub has started, and every ``reconcile_interval`` after,
+    check its containers and records against its servers (see :mod:`gpuspawner.reconcile`)."""
+    started = getattr(app, "_start_future", None)
+    if started is not None:
+        await started  # the servers JupyterHub resumes are known only once it has started
+    spawner_class = app.spawner_class if isinstance(app.spawner_class, type) else GPUSpawner
+    if not issubclass(spawner_class, GPUSpawner):
+        spawner_class = GPUSpawner
+    # A spawner of no server: the hub's settings, resolved as for every server, and its Docker path.
+    caretaker = spawner_class(config=app.config, hub=getattr(app, "hub", None), user=_Caretaker())
+    while True:
+        try:
+            await reconcile_once(caretaker, app.log)
+        except Exception:
+            app.log.exception("gpuspawner could not check the hub's containers against its servers")
+        if caretaker.reconcile_interval <= 0:
+            return
+        await asyncio.sleep(caretaker.reconcile_interval)
+
+
+def _server_view(spawner: GPUSpawner) -> reconcile.ServerView:
+    return reconcile.ServerView(
+        user=spawner.user.name, server=spawner.name or "", active=bool(spawner.active),
+        spawning=spawner._spawning, ready=bool(spawner.ready), container_id=spawner.object_id or "",
+        record_id=spawner.audit_record_id,
+    )
+
+
+async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
+    """One check of this hub's containers, open records and unconfirmed claims; carry out the plan."""
+    hub_id = caretaker.hub_id
+    store = caretaker.audit_store()
+    listed = await caretaker.docker("containers", all=True, filters=labels.hub_filter(hub_id))
+    containers = []
+    for c in listed:
+        identity = labels.identity_from_labels(c.get("Labels"))
+        if identity is not None and identity.hub_id == hub_id:
+            containers.append(reconcile.ContainerView(
+                id=c["Id"], name=(c.get("Names") or [c["Id"][:12]])[0].lstrip("/"), user=identity.user,
+                server=identity.server, state=c.get("State", ""), record_id=(c.get("Labels") or {}).get(labels.RECORD, ""),
+            ))
+    spawners = {key: sp for key, sp in list(resources.spawners.items())}
+    open_records = [
+        reconcile.OpenRecord(id=r.id, user=r.user, server=r.server, outcome=r.outcome)
+        for r in await store.open_records(hub_id)
+    ]
+    todo = reconcile.plan(
+        containers, [_server_view(sp) for sp in spawners.values()], open_records,
+        unconfirmed=resources.book.unconfirmed(), remove=caretaker.remove,
+    )
+    for c in todo.stop:
+        log.warning("Stopping orphan container %s of %s/%s: no server of this hub owns it", c.name, c.user, c.server)
+        try:
+            await caretaker.docker("stop", c.id)
+            if caretaker.remove:
+                await caretaker.docker("remove_container", c.id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        if c.record_id:
+            # the hub may have died before the record learnt its container's id: say which it was
+            await close_record(store, c.record_id, log, outcome="abandoned", error=reconcile.ORPHAN_STOPPED,
+                               stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name)
+    for c in todo.ended:
+        try:
+            info = await caretaker.docker("inspect_container", c.id)
+        except docker.errors.NotFound:
+            info = None
+        await close_record(store, c.record_id, log, stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name,
+                           **reconcile.ended_container_changes(info))
+    for c in todo.remove:
+        try:
+            await caretaker.docker("remove_container", c.id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+    for record_id, changes in todo.close:
+        log.warning("Closing audit record %s: %s", record_id, changes["error"])
+        await close_record(store, record_id, log, stopped_at=seams.now_iso(), **changes)
+    for user, server, record_id in todo.adopt:
+        adopted = spawners.get((user, server))
+        if adopted is not None and not adopted.audit_record_id:
+            adopted.audit_record_id = record_id
+    for record_id in todo.now_running:
+        try:
+            await store.update(record_id, outcome="running", ready_at=seams.now_iso())
+        except AuditStoreError as e:
+            log.debug("Audit record %s not marked running: %s", record_id, e)
+    for spawn_id in todo.release:
+        log.info("Devices of failed spawn %s released: its container is not running", spawn_id)
+        resources.book.release(spawn_id)
+    return todo

@@ -1,0 +1,58 @@
+"""A spawn's plan: built fresh from the profile and the values configured when it begins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpuspawner.allocation import GPURequest
+from gpuspawner.devices import GiB
+from gpuspawner.plan import Configured, SpawnPlan, spawn_plan
+from gpuspawner.profiles import parse_profiles
+
+A100, BARE = parse_profiles([
+    {"slug": "a100-1", "display_name": "1 × A100", "image": "lab/pytorch:2024.10", "gpus": {"count": 1, "model": "A100"},
+     "cpu_limit": 8, "mem_limit": "64G", "environment": {"OMP_NUM_THREADS": "8"}},
+    {"slug": "bare", "display_name": "Bare", "image": "lab/notebook:2024.10"},
+])
+
+
+def configured(**changes: Any) -> Configured:
+    values: dict[str, Any] = {
+        "image": "lab/base:1", "mem_limit": 4 * GiB, "cpu_limit": 2.0,
+        "environment": {"LANG": "C.UTF-8", "CALLED": lambda spawner: "x"}, "gpu_request": 0,
+    }
+    return Configured(**{**values, **changes})
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        (spawn_plan(None, configured()),
+         SpawnPlan(image="lab/base:1", mem_limit=4 * GiB, cpu_limit=2.0, gpus=GPURequest(), environment={"LANG": "C.UTF-8"})),
+        (spawn_plan(None, configured(gpu_request={"count": 2}), image_option="lab/other:2"),
+         SpawnPlan(image="lab/other:2", mem_limit=4 * GiB, cpu_limit=2.0, gpus=GPURequest(count=2),
+                   environment={"LANG": "C.UTF-8"})),
+        (spawn_plan(BARE, configured(gpu_request=1)),
+         SpawnPlan(image="lab/notebook:2024.10", mem_limit=4 * GiB, cpu_limit=2.0, gpus=GPURequest(),
+                   environment={"LANG": "C.UTF-8"}, profile=BARE, profile_hash=spawn_plan(BARE, configured()).profile_hash)),
+    ],
+    ids=["configured-values", "allowed-image-option", "profile-keeps-configured-limits"],
+)
+def test_a_plan_takes_what_the_profile_does_not_set_from_the_configured_values(plan: SpawnPlan, expected: SpawnPlan) -> None:
+    assert plan == expected
+
+
+def test_a_profile_sets_its_image_limits_gpus_and_environment() -> None:
+    plan = spawn_plan(A100, configured())
+    assert (plan.image, plan.mem_limit, plan.cpu_limit) == ("lab/pytorch:2024.10", 64 * GiB, 8.0)
+    assert plan.gpus == GPURequest(count=1, model="A100")
+    assert plan.environment == {"LANG": "C.UTF-8", "OMP_NUM_THREADS": "8"}
+    assert plan.profile_environment == {"OMP_NUM_THREADS": "8"}
+    assert plan.profile_slug == "a100-1" and plan.profile_hash
+
+
+def test_without_a_profile_the_plan_names_none() -> None:
+    plan = spawn_plan(None, configured())
+    assert (plan.profile_slug, plan.profile_hash, dict(plan.profile_environment)) == ("", None, {})
