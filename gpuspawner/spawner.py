@@ -923,7 +923,8 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
 
     async def _end_failed_spawn(self, record_id: str, error: BaseException, *, container_id: str) -> None:
         """After a failed or interrupted spawn: remove its container, free its devices, close its record."""
-        if await self._remove_spawned_container(record_id, container_id):
+        gone, removed = await self._remove_spawned_container(record_id, container_id)
+        if gone:
             resources.book.release(record_id)
         else:  # the engine could not say: keep the devices until the hub's reconciliation can
             resources.book.keep_unconfirmed(record_id)
@@ -931,13 +932,16 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
             self.gpu_devices = ()
             self._spawn_image = None
             self._restore_configured()
-        await self.recorder.finish(record_id, outcome="failed", error=error_text(error))
+        # the container it made is named, though the spawn was cut short before it noted it
+        seen = {"container_id": removed} if removed else {}
+        await self.recorder.finish(record_id, outcome="failed", error=error_text(error), **seen)
         if self.audit_record_id == record_id:
             self._spawning = False
 
-    async def _remove_spawned_container(self, record_id: str, container_id: str) -> bool:
+    async def _remove_spawned_container(self, record_id: str, container_id: str) -> tuple[bool, str | None]:
         """Wait for this spawn's Docker calls to end, then remove the container it created, or stop
-        the kept one it started. True when no container of this spawn runs any more."""
+        the kept one it started. (True when no container of this spawn runs any more, the id of
+        the container it removed or stopped.)"""
         try:
             calls = [asyncio.wrap_future(c) for c in list(self._docker_calls)]
             if calls:
@@ -946,14 +950,16 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
             if (obj["Config"].get("Labels") or {}).get(labels.RECORD) == record_id:
                 self.log.info("Removing %s, left by the failed spawn of %s", self.object_name, self._log_name)
                 await self.docker("remove_container", obj["Id"], force=True, v=True)
-            elif obj["Id"] == container_id and obj["State"].get("Running"):
+                return True, str(obj["Id"])
+            if obj["Id"] == container_id and obj["State"].get("Running"):
                 await self.docker("stop", obj["Id"])  # a kept container (remove = False) this spawn started
-            return True
+                return True, str(obj["Id"])
+            return True, None
         except docker.errors.NotFound:
-            return True
+            return True, None
         except Exception:
             self.log.exception("Could not make sure the container of %s's failed spawn is gone", self._log_name)
-            return False
+            return False, None
 
     async def _allowed_image_option(self, image: Any) -> str:
         """DockerSpawner's check of a user's ``image`` option, quoting only a prefix of a refused name."""
@@ -1019,14 +1025,14 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
         has the container but not the record in its state. A failing spawn closes its own record.
         """
         never_answered = bool(getattr(self, "_waiting_for_response", False))
-        record_ids = [self.audit_record_id]
-        if not self._spawning:
-            record_ids.append(_record_label(await self.get_object()))
+        container = None if self._spawning else await self.get_object()
         await super().stop(now=now)
         if self._spawning:
             return
-        for record_id in dict.fromkeys(filter(None, record_ids)):
-            await self.recorder.finish(record_id, **await self._ending(record_id, never_answered=never_answered))
+        # the container stopped is named in its records: a hub killed mid-spawn never noted it
+        seen = {"container_id": container["Id"], "container_name": container["Name"].lstrip("/")} if container else {}
+        for record_id in dict.fromkeys(filter(None, [self.audit_record_id, _record_label(container)])):
+            await self.recorder.finish(record_id, **await self._ending(record_id, never_answered=never_answered), **seen)
 
     async def _ending(self, record_id: str, *, never_answered: bool) -> dict[str, Any]:
         """How a stopped server's record ends: failed if it never answered, stopped otherwise."""

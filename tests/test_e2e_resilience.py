@@ -86,6 +86,7 @@ c.Spawner.environment = {"GPUSPAWNER_TESTBED_HOOK_SLEEP": lambda spawner: "8" if
              what="ada's interrupted container to be removed")
     record = sealed_record(hub, "ada")
     assert record.outcome == "failed" and "cancelled" in (record.error or ""), record
+    assert record.container_id == ada_container_id  # the container it made, though cut short mid-start
     wait_for(lambda: hub.server_model("bob") is None, timeout=30, what="bob's refused spawn to end")
     assert hub.spawn("bob").status_code in (201, 202)
     hub.wait_ready("bob")
