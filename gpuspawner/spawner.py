@@ -1005,10 +1005,12 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
         if container is not None and container["State"].get("Running"):
             return None
         # the container's own label names the spawn that made it, where the server's state may not
-        # (a hub killed mid-spawn resumes the server without it)
-        record_id = self.audit_record_id or _record_label(container)
-        if record_id and not self._spawning:
-            await self.recorder.finish(record_id, **reconcile.ended_container_changes(container))
+        # (a hub killed mid-spawn resumes the server with the state of an earlier spawn, or none)
+        record_ids = list(dict.fromkeys(filter(None, [self.audit_record_id, _record_label(container)])))
+        if record_ids and not self._spawning:
+            seen = {"container_id": container["Id"], "container_name": container["Name"].lstrip("/")} if container else {}
+            for record_id in record_ids:
+                await self.recorder.finish(record_id, **reconcile.ended_container_changes(container), **seen)
             if container is not None and self.remove:
                 await self.remove_object()
                 self.object_id = ""
