@@ -358,6 +358,7 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
         self._spawn_image: str | None = None  # the image resolved and recorded for this spawn
         self._settings_hash = ""  # what this spawn's container is made from (label gpuspawner.settings)
         self._plan: SpawnPlan | None = None  # the current or last spawn's settings
+        self._started_here = False  # a spawn of this hub process started it (not a server resumed at hub start)
         if getattr(self, "orm_spawner", None) is not None:  # one of the hub's servers (not the caretaker)
             resources.spawners[(self.user.name, self.name or "")] = self
 
@@ -795,6 +796,7 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
         it created and gives its devices back only once its container is known not to run.
         """
         self.progress_log.clear()
+        self._started_here = True
         self._spawn_image = None
         record_id = await self._begin_record()
         try:
@@ -1040,10 +1042,12 @@ class GPUSpawner(DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no
         """How a stopped server's record ends: failed if it never answered, stopped otherwise."""
         if never_answered:  # JupyterHub stops a server that did not answer within http_timeout
             return {"outcome": "failed", "error": f"The server did not answer within {self.http_timeout:.0f} s, so the hub stopped it."}
+        if self._started_here:  # (a record may still say "starting" a moment after the server answered)
+            return {"outcome": "stopped"}
         record = await self.audit_store().get(record_id)
         if record is not None and record.outcome in ("requested", "starting"):
-            # JupyterHub resumed it after a hub restart and gave up waiting (its flag is cleared by
-            # then), or the user stopped it while the hub waited for it: it never ran.
+            # JupyterHub resumed it after a hub restart, waited, and gave up (its flag is cleared
+            # by then): it never ran.
             return {"outcome": "failed", "error": "The server was stopped before it ever answered the hub."}
         return {"outcome": "stopped"}
 
