@@ -49,6 +49,22 @@ def sealed_record(hub: RunningHub, user: str, *, timeout: float = 60) -> AuditRe
         raise AssertionError(f"{e}: {records(hub, user)}\n{hub.log_tail()}") from None
 
 
+def writing_store(hub: RunningHub) -> AuditStore:
+    """The hub's audit store with its sealing key, to write records as the hub would have."""
+    key_file = hub.settings.workdir / "gpuspawner-audit.key"
+    wait_for(key_file.exists, timeout=30, what="the hub to make its sealing key")
+    return AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}", key=load_key(key_file),
+                      head_file=hub.settings.workdir / "gpuspawner-audit.head")
+
+
+def spawn_until_waiting_for_answer(hub: RunningHub, user: str) -> None:
+    """Spawn `user`'s server and return once JupyterHub has stored it and waits for it to answer."""
+    assert hub.spawn(user).status_code == 202
+    wait_for(lambda: any(r.outcome == "starting" for r in records(hub, user)), timeout=60,
+             what=f"{user}'s container to be starting")
+    time.sleep(1)
+
+
 def hub_containers(bed: DockerBed, hub_id: str, user: str) -> list[dict]:
     return [c for c in bed.containers_labelled(f"gpuspawner.hub={hub_id}") if c["Labels"]["gpuspawner.user"] == user]
 
@@ -201,10 +217,7 @@ c.GPUSpawner.reconcile_interval = 2
 c.DockerSpawner.cmd = ["sh", "-c", 'sleep 8; exec jupyterhub-singleuser "$@"', "sh"]
 """
     hub = start_hub(extra=extra)
-    assert hub.spawn("ada").status_code == 202
-    wait_for(lambda: any(r.outcome == "starting" for r in records(hub, "ada")), timeout=60,
-             what="ada's container to be starting")
-    time.sleep(1)  # JupyterHub has stored the server and is waiting for it to answer
+    spawn_until_waiting_for_answer(hub, "ada")
     hub.kill()
     hub.start()
     hub.wait_ready("ada")
@@ -230,10 +243,7 @@ c.Spawner.http_timeout = 8
 c.DockerSpawner.cmd = ["sh", "-c", "sleep 3600", "sh"]
 """
     hub = start_hub(extra=extra)
-    assert hub.spawn("ada").status_code == 202
-    wait_for(lambda: any(r.outcome == "starting" for r in records(hub, "ada")), timeout=60,
-             what="ada's container to be starting")
-    time.sleep(1)  # JupyterHub has stored the server and is waiting for it to answer
+    spawn_until_waiting_for_answer(hub, "ada")
     container = container_of(docker_bed, hub, "ada")
     hub.kill()
     hub.start()
@@ -251,10 +261,7 @@ def test_a_container_of_this_hub_that_no_server_owns_is_stopped_as_an_orphan(
     # what a hub that died between `docker start` and storing the server leaves: a labelled
     # container on the GPU that the hub's database knows nothing of, and an open record that
     # never learnt the container's id
-    key_file = hub.settings.workdir / "gpuspawner-audit.key"
-    wait_for(key_file.exists, timeout=30, what="the hub to make its sealing key")
-    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}", key=load_key(key_file),
-                       head_file=hub.settings.workdir / "gpuspawner-audit.head")
+    store = writing_store(hub)
     store.insert(AuditRecord(id="orphan-record", hub_id=hub.settings.hub_id, user="ada", server="",
                              requested_at=seams.now_iso(), outcome="starting"))
     orphan = docker_bed.api.create_container(
@@ -280,10 +287,7 @@ def test_a_leftover_container_of_a_lost_spawn_is_replaced_and_its_record_closed_
     """A hub killed mid-spawn leaves the server's container and an open record; the server's next
     spawn removes that container, and must close its record then, not a reconciliation later."""
     hub = start_hub(extra="c.GPUSpawner.reconcile_interval = 3600\n")  # no reconciliation during the test
-    key_file = hub.settings.workdir / "gpuspawner-audit.key"
-    wait_for(key_file.exists, timeout=30, what="the hub to make its sealing key")
-    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}", key=load_key(key_file),
-                       head_file=hub.settings.workdir / "gpuspawner-audit.head")
+    store = writing_store(hub)
     store.insert(AuditRecord(id="lost-spawn", hub_id=hub.settings.hub_id, user="ada", server="",
                              requested_at=seams.now_iso(), outcome="starting"))
     leftover = docker_bed.api.create_container(
