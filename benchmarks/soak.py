@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import build_docker_dir  # noqa: E402
+from helpers import build_docker_dir  # noqa: E402
 from testbed import DockerBed, docker_problem  # noqa: E402
-from testbed.hub import HubSettings, RunningHub, chp_path  # noqa: E402
+from testbed.hub import HubSetup, RunningHub, chp_path  # noqa: E402
 from testbed.soak import SoakPlan, hub_config, run_soak, write_gpus  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpuspawner-soak-"))
     spec = work / "gpus.json"
     write_gpus(spec)
-    settings = HubSettings(
+    settings = HubSetup(
         workdir=work, image=image, hub_ip=bed.bridge_gateway, token=secrets.token_hex(32),
         hub_id="soak-" + secrets.token_hex(3), debug=False, extra=hub_config(spec, image),
     )

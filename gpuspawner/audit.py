@@ -116,7 +116,6 @@ class AuditRecord:
         return data
 
 
-SEAL_FIELDS = ("seq", "prev_hash", "hash")
 RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 

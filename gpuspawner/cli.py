@@ -23,7 +23,7 @@ from typing import Any
 from . import labels, settings, times
 from .allocation import Holder, Status, device_status
 from .devices import Device, Inventory, format_bytes
-from .hubconfig import ConfigFileError, load_hub_settings
+from .hubconfig import ConfigFileError, load_spawner_settings
 
 
 class CLIError(Exception):
@@ -129,22 +129,23 @@ def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: s
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
+    from .claims import claims_from_containers, profiles_of_servers
     from .nvml import read_inventory
 
-    hub = load_hub_settings(args.config, hub_id=args.hub_id)
-    from .claims import claims_from_containers, profiles_of_servers
+    hub = load_spawner_settings(args.config)
+    hub_id = args.hub_id or hub.hub_id
 
     inventory = read_inventory()
-    containers = hub_containers(hub.hub_id)
+    containers = hub_containers(hub_id)
     rows = device_rows(
         inventory,
-        claims_from_containers(containers, hub_id=hub.hub_id),
+        claims_from_containers(containers, hub_id=hub_id),
         busy_memory_threshold=hub.busy_memory_threshold,
-        server_profiles=profiles_of_servers(containers, hub_id=hub.hub_id),
+        server_profiles=profiles_of_servers(containers, hub_id=hub_id),
     )
     if args.json:
         out = {
-            "hub_id": hub.hub_id,
+            "hub_id": hub_id,
             "driver_version": inventory.driver_version,
             "cuda_driver_version": inventory.cuda_driver_version,
             "problem": inventory.problem,
@@ -152,7 +153,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
     else:
-        print(format_table(rows, inventory, hub.hub_id))
+        print(format_table(rows, inventory, hub_id))
     return 0
 
 
@@ -167,7 +168,7 @@ def _store(args: argparse.Namespace, *, with_key: bool = False) -> Any:
     """The hub's audit store, read-only: never creates one (a missing store is an error)."""
     from .store import AuditStore, AuditStoreMissing, load_key
 
-    hub = load_hub_settings(args.config, hub_id=None)
+    hub = load_spawner_settings(args.config)
     try:
         store = AuditStore(hub.audit_db_url, head_file=hub.audit_head_file, create=False)
         if with_key:
@@ -235,7 +236,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .export import reproduce_command
 
-    hub = load_hub_settings(args.config, hub_id=None)
+    hub = load_spawner_settings(args.config)
     # an older record may hold what the admin's names (GPUSpawner.audit_redact_names) now hide
     print(reproduce_command(_record(args), extra_names=hub.audit_redact_names))
     return 0
@@ -251,10 +252,10 @@ def config_reference() -> str:
     """Markdown for every setting GPUSpawner adds, from the traits' own help texts."""
     import inspect as _inspect
 
-    from .spawner import GPUSpawner
+    from .traits import GPUSpawnerConfig
 
     parts = []
-    for name, trait in sorted(GPUSpawner.class_own_traits(config=True).items()):
+    for name, trait in sorted(GPUSpawnerConfig.class_own_traits(config=True).items()):
         default = trait.default_value_repr()
         kind = type(trait).__name__
         help_text = _inspect.cleandoc(trait.help or "").strip()

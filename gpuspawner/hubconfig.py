@@ -1,9 +1,9 @@
 """The hub's settings from its configuration, as the spawner, the CLI and the audit service read them.
 
-One place resolves what the hub process as a whole uses (its identity, the audit database and
-the files that seal it, the busy threshold) and checks gpuspawner's settings in a hub's
-``jupyterhub_config.py``. It imports no Docker library: the ``gpuspawner audit`` commands and
-the audit service load it without loading the spawner.
+Where the hub keeps its identity, its audit database and the files that seal it (the traits'
+defaults in :mod:`gpuspawner.traits` come from here), and :func:`spawner_settings`: a hub's
+``jupyterhub_config.py`` read and checked by GPUSpawner's own traits. It imports no Docker
+library: the ``gpuspawner`` commands and the audit service load it without loading the spawner.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from traitlets.config import Config
 
-from . import audit, labels, profiles, settings, userinput
+from . import labels, settings
+
+if TYPE_CHECKING:
+    from .traits import GPUSpawnerConfig
 
 HUB_ID_FILE = "gpuspawner-hub-id"
 AUDIT_KEY_FILE = "gpuspawner-audit.key"
@@ -28,7 +29,7 @@ AUDIT_HEAD_FILE = "gpuspawner-audit.head"
 # as traitlets resolves them); tests check this against GPUSpawner.mro().
 SPAWNER_SECTIONS: tuple[str, ...] = (
     "object", "HasDescriptors", "HasTraits", "Configurable", "LoggingConfigurable", "Spawner", "DockerSpawner",
-    "GPUSpawner",
+    "GPUSpawnerConfig", "DockerPath", "GPUSpawner",
 )
 
 
@@ -42,11 +43,15 @@ def hub_db_url() -> str:
 
     if not JupyterHub.initialized():
         return ""
+    from sqlalchemy.engine import make_url
+
     url: str = JupyterHub.instance().db_url
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+    parsed = make_url(url)
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if database and database != ":memory:" and not os.path.isabs(database):
         # A relative SQLite path names a different database from another working directory.
-        url = prefix + os.path.abspath(url[len(prefix) :])
+        scheme, sep, rest = url.partition(":///")
+        url = scheme + sep + os.path.abspath(database) + rest[len(database):]
     return url
 
 
@@ -60,7 +65,9 @@ def default_audit_db_url(db_url: str) -> str:
 
 def data_folder(db_url: str) -> Path:
     """The hub's data folder: where its SQLite database lives, else its working directory."""
-    return Path(default_audit_db_url(db_url)[len("sqlite:///"):]).parent
+    from sqlalchemy.engine import make_url
+
+    return Path(make_url(default_audit_db_url(db_url)).database or ".").parent
 
 
 def default_audit_key_file(db_url: str) -> str:
@@ -100,96 +107,35 @@ def stored_hub_id(db_url: str, *, create: bool) -> str:
     return derived
 
 
-_MISSING: Any = object()
+def spawner_settings(config: Config, spawner_class: type | None = None) -> GPUSpawnerConfig:
+    """GPUSpawner's settings in `config`, built and checked by the traits' own validators.
 
-
-def _sections(cls: type | None) -> Sequence[str]:
-    return SPAWNER_SECTIONS if cls is None else [k.__name__ for k in reversed(cls.mro())]
-
-
-def config_value(config: Config, name: str, *, cls: type | None = None, fallback: Any = _MISSING) -> Any:
-    """The value `name` has in `config` for `cls` (default GPUSpawner), as traitlets would resolve
-    it: subclass sections win."""
-    found = fallback
-    for section in _sections(cls):
-        if section in config and name in config[section]:
-            found = config[section][name]
-    return found
-
-
-def check_config(config: Config, cls: type | None = None) -> None:
-    """Check gpuspawner's settings in a hub's configuration; raise ConfigError naming the first bad one.
-
-    `cls` is the spawner class whose sections count (default GPUSpawner). The hub runs this
-    when it loads GPUSpawner, so a bad value stops the hub at start rather than failing spawns later.
+    The values are those `spawner_class` (default GPUSpawner) would get: its sections and its
+    base classes', a subclass's winning, as traitlets resolves them. A bad value raises
+    ``ConfigError`` naming the class, the setting, the value and what is allowed. Builds no
+    spawner and imports no Docker library (the ``gpuspawner`` commands, the audit service).
     """
-    checks: list[tuple[str, str, Callable[..., Any]]] = [
-        ("GPUSpawner", "gpu_request", settings.parse_gpu_request),
-        ("GPUSpawner", "busy_memory_threshold", settings.parse_bytes),
-        ("GPUSpawner", "gpu_wait_timeout", settings.parse_seconds),
-        ("GPUSpawner", "nvml_cache_seconds", settings.parse_seconds),
-        ("GPUSpawner", "docker_threads", settings.parse_threads),
-        ("GPUSpawner", "pull_threads", settings.parse_threads),
-        ("GPUSpawner", "audit_redact_names", audit.parse_redact_names),
-        ("GPUSpawner", "max_user_options_bytes", userinput.parse_max_options_bytes),
-        ("DockerSpawner", "extra_host_config", settings.check_extra_host_config),
-    ]
-    for owner, name, parse in checks:
-        v = config_value(config, name, cls=cls)
-        if v is not _MISSING and not callable(v):
-            parse(v, where=f"{owner}.{name}")
-    for name, allowed in (("device_injection", ("nvidia", "cdi")), ("image_pinning", ("tag", "digest"))):
-        v = config_value(config, name, cls=cls)
-        if v is not _MISSING and v not in allowed:
-            raise settings.ConfigError(
-                f"GPUSpawner.{name} is {v!r}; allowed: {' or '.join(repr(a) for a in allowed)}."
-            )
-    per_user = config_value(config, "max_gpus_per_user", cls=cls)
-    if per_user is not _MISSING and per_user is not None:
-        settings.parse_count(per_user, where="GPUSpawner.max_gpus_per_user")
-    per_group = config_value(config, "max_gpus_per_group", cls=cls, fallback={})
-    if not isinstance(per_group, dict):
-        raise settings.ConfigError(
-            f"GPUSpawner.max_gpus_per_group is {per_group!r}; allowed: a dict of group name to GPU count."
-        )
-    for group, count in per_group.items():
-        settings.parse_count(count, where=f"GPUSpawner.max_gpus_per_group[{group!r}]")
-    configured = config_value(config, "profiles", cls=cls)
-    if configured is not _MISSING and not callable(configured):
-        pinning = config_value(config, "image_pinning", cls=cls, fallback="tag")
-        profiles.parse_profiles(configured, where="GPUSpawner.profiles", pinning=pinning)
+    from traitlets import TraitError
+
+    from .traits import GPUSpawnerConfig
+
+    sections = SPAWNER_SECTIONS if spawner_class is None else tuple(k.__name__ for k in reversed(spawner_class.mro()))
+    ours = set(GPUSpawnerConfig.class_trait_names(config=True))
+    values: dict[str, Any] = {}
+    for section in sections:
+        if section in config:
+            values.update((k, v) for k, v in config[section].items() if k in ours)
+    name = sections[-1]
+    checker = type(name, (GPUSpawnerConfig,), {"create_hub_id": False})
+    try:
+        built: GPUSpawnerConfig = checker(config=Config({name: values}))
+    except TraitError as e:
+        raise settings.ConfigError(str(e)) from None
+    return built
 
 
-@dataclass(frozen=True)
-class HubSettings:
-    """What the hub process as a whole uses, resolved from its configuration as a spawner would."""
-
-    hub_id: str
-    audit_db_url: str
-    busy_memory_threshold: int
-    audit_key_file: str
-    audit_head_file: str
-    audit_redact_names: tuple[str, ...] = ()
-
-
-def hub_settings(config: Config, *, hub_id: str | None = None) -> HubSettings:
-    """hub_id, the audit database and its key files, and the busy threshold, from the hub's configuration."""
-    db_url = hub_db_url() or "sqlite:///jupyterhub.sqlite"
-    key_file = config_value(config, "audit_key_file", fallback="") or default_audit_key_file(db_url)
-    return HubSettings(
-        hub_id=hub_id or config_value(config, "hub_id", fallback="") or stored_hub_id(db_url, create=False),
-        audit_db_url=config_value(config, "audit_db_url", fallback="") or default_audit_db_url(db_url),
-        busy_memory_threshold=settings.parse_bytes(
-            config_value(config, "busy_memory_threshold", fallback="1G"), where="GPUSpawner.busy_memory_threshold"
-        ),
-        audit_key_file=key_file,
-        audit_redact_names=tuple(config_value(config, "audit_redact_names", fallback=[])),
-        audit_head_file=config_value(config, "audit_head_file", fallback="") or default_audit_head_file(key_file),
-    )
-
-
-def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSettings:
-    """GPUSpawner's settings from a jupyterhub_config.py, resolved as the hub resolves them.
+def load_spawner_settings(config_file: str | None) -> GPUSpawnerConfig:
+    """GPUSpawner's settings from a jupyterhub_config.py, resolved and checked as the hub does.
 
     Raises ConfigFileError for a file that is missing or fails to load, and ConfigError for a
     bad setting in it.
@@ -208,8 +154,8 @@ def load_hub_settings(config_file: str | None, *, hub_id: str | None) -> HubSett
             app.load_config_file(str(path))
         except Exception as e:  # the file is Python: it may fail in any way
             raise ConfigFileError(config_file_failure(path, e)) from None
-    check_config(app.config)
-    return hub_settings(app.config, hub_id=hub_id)
+    configured = app.config.JupyterHub.get("spawner_class")
+    return spawner_settings(app.config, configured if isinstance(configured, type) else None)
 
 
 def config_file_failure(path: Path, error: BaseException) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from .allocation import Holder
 from .claims import ClaimBook
 from .nvml import NVMLInventory
 from .store import AsyncAuditStore
@@ -29,9 +30,12 @@ class HubResources:
         self._start_afresh()
 
     def reset(self) -> None:
-        """Forget everything, as in a new hub process (for tests); the thread pools are shut down."""
+        """Forget everything, as in a new hub process (for tests); the thread pools are shut down and
+        the background tasks cancelled."""
         for pool in self.pools.values():
             pool.shutdown(wait=False)
+        for task in self.tasks:
+            task.cancel()
         self._start_afresh()
 
     def _start_afresh(self) -> None:
@@ -44,6 +48,7 @@ class HubResources:
         self.hub_id: str | None = None
         self.spawners: weakref.WeakValueDictionary[tuple[str, str], GPUSpawner] = weakref.WeakValueDictionary()
         self.foreign: dict[str, dict[str, Any]] = {}  # container id -> inspection, for other containers' devices
+        self.engine_claims: dict[str, tuple[float, dict[str, Holder]]] = {}  # hub id -> (when read, claims), for the form
         self.tasks: set[asyncio.Future[Any]] = set()
 
     def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
@@ -52,6 +57,10 @@ class HubResources:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def containers_changed(self) -> None:
+        """A server's container started or ended: the claims the form shows are read afresh."""
+        self.engine_claims.clear()
 
     def pool(self, name: str, threads: int) -> ThreadPoolExecutor:
         """The hub's thread pool called `name`, made with `threads` workers on first use."""

@@ -115,3 +115,31 @@ def repo_digest_for(ref: ImageRef, repo_digests: list[str]) -> str | None:
         if candidate.name == ref.name and candidate.digest and (ref.digest in (None, candidate.digest)):
             return f"{candidate.name}@{candidate.digest}"
     return None
+
+
+PullStep = Literal["use", "pull", "refuse"]
+
+
+def pull_step(policy: str, *, present: bool | None) -> PullStep:
+    """What a spawn does for its image under ``DockerSpawner.pull_policy`` (any case): use the copy
+    on the host, pull it, or refuse. `present`: whether the host has it (None: not looked up,
+    which only ``always`` skips: see :func:`must_look_up`)."""
+    policy = policy.lower()
+    if policy == "always":
+        return "pull"
+    if present:
+        return "use"
+    return "refuse" if policy in ("never", "skip") else "pull"
+
+
+def must_look_up(policy: str) -> bool:
+    """Whether the host's copy is looked up before deciding (every policy but ``always``)."""
+    return policy.lower() != "always"
+
+
+def pull_arguments(reference: str) -> tuple[str, str]:
+    """(repository, tag or digest) for docker-py's ``pull`` of `reference`: a digest stays a digest
+    (DockerSpawner would split ``name@sha256:…`` at its colon), no tag means ``latest``."""
+    ref = parse_image(reference)
+    repository = ref.familiar_name if ref.registry == DEFAULT_REGISTRY else ref.name
+    return repository, ref.digest or ref.tag or "latest"

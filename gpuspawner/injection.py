@@ -91,6 +91,26 @@ def check_create_request(create_kwargs: Mapping[str, Any], *, granted: tuple[str
         raise InjectionError(problems)
 
 
+def with_devices(create_kwargs: Mapping[str, Any], *, granted: tuple[str, ...], mode: InjectionMode) -> dict[str, Any]:
+    """The create request with the grant's DeviceRequests added and the engine's AutoRemove off, checked.
+
+    A DeviceRequest the admin configured stays in, for the check to refuse. AutoRemove is off
+    because the hub removes its containers itself (on stop, or once it has read how one died),
+    so that a dead container's exit code and OOM flag can still be read into its record.
+    Raises :class:`InjectionError` as :func:`check_create_request` does; returns a new dict.
+    """
+    if not isinstance(create_kwargs.get("host_config") or {}, Mapping):
+        check_create_request(create_kwargs, granted=granted, mode=mode)  # refuses it
+    host_config = dict(create_kwargs.get("host_config") or {})
+    requests = device_requests(granted, mode=mode)
+    if requests:
+        host_config["DeviceRequests"] = list(host_config.get("DeviceRequests") or ()) + requests
+    host_config["AutoRemove"] = False
+    request = dict(create_kwargs, host_config=host_config)
+    check_create_request(request, granted=granted, mode=mode)
+    return request
+
+
 def _fields(mapping: Mapping[str, Any], name: str) -> list[Any]:
     """Every value the engine would read as field `name` (Go's JSON decoding folds case)."""
     return [v for k, v in mapping.items() if isinstance(k, str) and k.casefold() == name.casefold()]

@@ -189,9 +189,13 @@ class NVMLTimeout(Exception):
 class NVMLInventory:
     """The inventory for the hub's event loop: off-loop reads, a short cache, one read at a time.
 
-    ``cache_seconds`` is how old an answer may be before NVML is asked again. A caller that
-    needs an answer begun after its call may pass ``max_age=0``; nothing in gpuspawner does (the
-    allocation reads claims fresh from the Docker engine and takes the cached inventory).
+    ``cache_seconds`` (``GPUSpawner.nvml_cache_seconds``) is how old an answer may be before
+    NVML is asked again, and every caller in gpuspawner (the allocation, the spawn form, the
+    devices noted in the audit record) takes :meth:`get`'s default: an answer up to that
+    old. Which GPUs are held is not in the answer: the allocation reads that fresh each time,
+    from the containers' labels on the Docker engine and the pending claims. A cached answer
+    can only miss what changed on the hardware since (a process started outside the hub, a GPU
+    lost). ``max_age=0`` asks for an answer begun after the call; only the tests pass it.
 
     ``timeout`` bounds every read: a read that has not answered ``timeout`` seconds after it
     began is taken for a hung driver, and :meth:`get` raises :class:`NVMLTimeout` to everyone

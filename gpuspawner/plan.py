@@ -7,11 +7,11 @@ spawn's profile never leaks into the next (see kubespawner #390).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audit, profiles, settings
+from . import audit, labels, profiles
 from .allocation import GPURequest
 
 
@@ -24,7 +24,7 @@ class Configured:
     mem_limit: int | None  # bytes (DockerSpawner.mem_limit)
     cpu_limit: float | None
     environment: Mapping[str, Any]  # DockerSpawner.environment: values are strings or callables
-    gpu_request: Any  # GPUSpawner.gpu_request, validated when the configuration loaded
+    gpu_request: GPURequest  # GPUSpawner.gpu_request
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,19 @@ class SpawnPlan:
     def profile_environment(self) -> Mapping[str, str]:
         return self.profile.environment if self.profile is not None else {}
 
+    def recorded_environment(self, redact_names: Sequence[str] = ()) -> dict[str, str]:
+        """The environment as the audit record keeps it: secrets' values redacted (see :mod:`gpuspawner.audit`)."""
+        return audit.without_secrets(self.environment, extra_names=redact_names)
+
+    def settings_hash(self, *, image: str, image_id: str | None, devices: Sequence[str], redact_names: Sequence[str] = ()) -> str:
+        """The hash of what this spawn's container is made from (its label ``gpuspawner.settings``):
+        a kept container (``remove = False``) is reused only when it equals the new spawn's."""
+        return labels.settings_hash({
+            "image": image, "image_id": image_id, "devices": tuple(devices), "cpu_limit": self.cpu_limit,
+            "mem_limit": self.mem_limit, "environment": self.recorded_environment(redact_names),
+            "profile": self.profile_slug or None, "profile_hash": self.profile_hash,
+        })
+
 
 def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, image_option: str | None = None) -> SpawnPlan:
     """The settings of a spawn with `profile` (None: no profiles) over the `configured` values.
@@ -64,7 +77,7 @@ def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, imag
             image=image_option if image_option is not None else configured.image,
             mem_limit=configured.mem_limit,
             cpu_limit=configured.cpu_limit,
-            gpus=settings.parse_gpu_request(configured.gpu_request, where="GPUSpawner.gpu_request"),
+            gpus=configured.gpu_request,
             environment=environment,
         )
     return SpawnPlan(

@@ -15,7 +15,7 @@ what the engine, the hub and the audit store say, and carries out the plan.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .allocation import Holder
@@ -61,6 +61,28 @@ class ServerView:
 
 
 @dataclass(frozen=True)
+class Ending:
+    """How an audit record ends: its outcome, why, and what the engine said of the container."""
+
+    outcome: str  # "stopped", "failed", "died", "abandoned"
+    error: str | None = None
+    exit_code: int | None = None
+    oom_killed: bool | None = None
+    container_id: str | None = None  # the container the record was made for (a killed hub may never have noted it)
+    container_name: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The record's fields this ending sets (what it does not know is left as recorded)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def with_container(self, container: Mapping[str, Any] | None) -> Ending:
+        """This ending, naming the inspected `container` (none: unchanged)."""
+        if container is None:
+            return self
+        return replace(self, container_id=container.get("Id"), container_name=str(container.get("Name", "")).lstrip("/") or None)
+
+
+@dataclass(frozen=True)
 class OpenRecord:
     id: str
     user: str
@@ -75,7 +97,7 @@ class Plan:
     stop: list[ContainerView] = field(default_factory=list)  # running orphans: stop, free, record "abandoned"
     ended: list[ContainerView] = field(default_factory=list)  # dead, unowned, its record open: record "died"
     remove: list[ContainerView] = field(default_factory=list)  # unowned debris to remove (remove = True)
-    close: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # record id, final changes
+    close: list[tuple[str, Ending]] = field(default_factory=list)  # record id, how it ends
     now_running: list[str] = field(default_factory=list)  # records of ready servers still "starting"
     adopt: list[tuple[str, str, str]] = field(default_factory=list)  # user, server, record id to note
     release: list[str] = field(default_factory=list)  # spawn ids whose unconfirmed claims to drop
@@ -134,9 +156,9 @@ def plan(
         if r.id in owned_records or r.id in handled_records:
             continue
         if r.outcome in ("requested", "starting"):
-            result.close.append((r.id, {"outcome": "abandoned", "error": ABANDONED_WHILE_STARTING}))
+            result.close.append((r.id, Ending("abandoned", ABANDONED_WHILE_STARTING)))
         else:
-            result.close.append((r.id, {"outcome": "died", "error": GONE_UNSEEN}))
+            result.close.append((r.id, Ending("died", GONE_UNSEEN)))
 
     live = {(c.user, c.server) for c in containers if c.state in LIVE_STATES or c.state == "created"}
     spawning = {k for k, s in by_key.items() if s.spawning}
@@ -147,10 +169,10 @@ def plan(
     return result
 
 
-def ended_container_changes(container: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The record's final changes for a server whose container ended on its own, from its inspection."""
+def ended_container(container: Mapping[str, Any] | None) -> Ending:
+    """How the record of a server whose container ended on its own ends, from the container's inspection."""
     if container is None:
-        return {"outcome": "died", "error": "Its container was removed outside the hub."}
+        return Ending("died", "Its container was removed outside the hub.")
     state = container.get("State") or {}
     code = state.get("ExitCode")
     oom = bool(state.get("OOMKilled"))
@@ -162,4 +184,4 @@ def ended_container_changes(container: Mapping[str, Any] | None) -> dict[str, An
         error = f"Its container ended by itself or was stopped outside the hub, exit code {code}."
     if state.get("Error"):
         error += f" The engine said: {state['Error']}"
-    return {"outcome": "died", "error": error, "exit_code": code, "oom_killed": oom}
+    return Ending("died", error, exit_code=code, oom_killed=oom).with_container(container)

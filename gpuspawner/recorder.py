@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,18 +19,18 @@ from . import seams, userinput
 from .audit import AuditRecord
 from .facts import DeviceFacts, ResolvedImage
 from .hubwide import resources
+from .reconcile import Ending
 from .store import AsyncAuditStore, AuditRecordSealed, AuditStoreError
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
-READY_POLL_SECONDS = 0.25
 
 
-async def close_record(store: AsyncAuditStore, record_id: str, log: Log, **changes: Any) -> None:
-    """Give a record its final state; a sealed one is left alone, and an unreachable database
-    gets the change later (``finish_eventually``). Never raises: a user sees the refusal or the
-    stop they asked for, never a database error."""
+async def close_record(store: AsyncAuditStore, record_id: str, log: Log, ending: Ending) -> None:
+    """Give a record its final state, stopped now; a sealed one is left alone, and an unreachable
+    database gets the change later (``finish_eventually``). Never raises: a user sees the refusal
+    or the stop they asked for, never a database error."""
     try:
-        await store.finish_eventually(record_id, **changes)
+        await store.finish_eventually(record_id, stopped_at=seams.now_iso(), **ending.changes())
     except AuditStoreError as e:
         log.debug("Audit record %s not closed: %s", record_id, e)
     except Exception:
@@ -72,7 +71,7 @@ class SpawnRecorder:
             await inserting
         except Exception:
             return  # never written: nothing to close
-        await self.finish(record_id, outcome="failed", error=error_text(error))
+        await self.finish(record_id, Ending("failed", error_text(error)))
 
     def _note(self, record_id: str, **changes: Any) -> None:
         self._writes.append(self._store().update_soon(record_id, **changes))
@@ -126,20 +125,38 @@ class SpawnRecorder:
         self._note(record_id, outcome="running", ready_at=seams.now_iso())
 
     async def watch_ready(
-        self, record_id: str, *, starting: Callable[[], bool], ready: Callable[[], bool], timeout: float
+        self, record_id: str, *, answered: asyncio.Future[Any] | None, ready: Callable[[], bool], timeout: float
     ) -> None:
-        """Note when JupyterHub has seen the server answer (it keeps that to itself): once `starting()`
-        is false, within `timeout` seconds, the record says the server runs if `ready()`. Never raises."""
-        deadline = time.monotonic() + timeout
+        """Note when JupyterHub has seen the server answer: once `answered` (JupyterHub's spawn
+        future, done when the server answered or the hub gave up on it) is done, within `timeout`
+        seconds, the record says the server runs if `ready()`. Without it (a spawn JupyterHub's
+        handlers did not start), the hub's reconciliation notes it. Never raises."""
+        if answered is None:
+            return
         try:
-            # JupyterHub sets no event when it has seen the server answer: poll its state.
-            while starting() and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(READY_POLL_SECONDS)
+            await asyncio.wait([answered], timeout=timeout)
             if ready():
                 self.note_running(record_id)
                 await self.flush()
         except Exception:
             self._log().exception("Could not note that %s is ready in its audit record", self._name())
+
+    async def stopped(self, record_id: str, *, never_answered: bool, started_here: bool, http_timeout: float) -> Ending:
+        """How a stopped server's record ends: failed if it never answered, stopped otherwise.
+
+        `never_answered`: JupyterHub stops it because it did not answer within `http_timeout`.
+        A server this hub process did not start (resumed at hub start) that JupyterHub gave up
+        waiting for has its flag cleared by then: its record, still "requested" or "starting",
+        says it never ran. One this process started is stopped, though its record may still say
+        "starting" a moment after the server answered.
+        """
+        if never_answered:
+            return Ending("failed", f"The server did not answer within {http_timeout:.0f} s, so the hub stopped it.")
+        if not started_here:
+            record = await self._store().get(record_id)
+            if record is not None and record.outcome in ("requested", "starting"):
+                return Ending("failed", "The server was stopped before it ever answered the hub.")
+        return Ending("stopped")
 
     async def flush(self) -> None:
         """Wait for the queued notes; raise the first that failed (HTTP 500), unless the record was sealed."""
@@ -154,14 +171,14 @@ class SpawnRecorder:
             elif isinstance(result, BaseException):
                 raise result
 
-    async def finish(self, record_id: str, **changes: Any) -> None:
-        """Close a record with `changes` (``outcome``, ``error``, what the engine said of the
-        container) and the stop time; never raises. A database that does not answer gets the change later."""
+    async def finish(self, record_id: str, ending: Ending) -> None:
+        """Close a record as `ending` says, stopped now; never raises. A database that does not
+        answer gets the change later."""
         try:
             await self.flush()
         except Exception as e:
             self._log().error("A change to the audit record of %s was not written: %s", self._name(), e)
-        await close_record(self._store(), record_id, self._log(), stopped_at=seams.now_iso(), **changes)
+        await close_record(self._store(), record_id, self._log(), ending)
 
 
 def error_text(e: BaseException) -> str:

@@ -1,4 +1,8 @@
-"""Time and identifiers come from here, and only from here, so tests can pin them."""
+"""The clock and the record ids: every timestamp gpuspawner stores and every new audit record id come from here.
+
+Callers look them up as ``seams.now_iso()`` and ``seams.new_record_id()`` (never imported by
+name), so a test pins them with ``monkeypatch.setattr(seams, "now_iso", ...)``.
+"""
 
 from __future__ import annotations
 

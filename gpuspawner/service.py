@@ -30,10 +30,10 @@ from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
 from sqlalchemy.engine import make_url
 from tornado import web
-from tornado.escape import xhtml_escape
 from tornado.ioloop import IOLoop
 
 from . import audit, export
+from .form import TEMPLATES, template_environment
 from .store import AuditStore, Filters
 from .times import TimeError, stored_time
 
@@ -149,41 +149,25 @@ class ExportHandler(_Base):
         await self.stream(chunks)
 
 
+FILTER_FIELDS = [("user", "User"), ("profile", "Profile"), ("since", "Since"), ("until", "Until")]
+
+
 def _page(records: list[audit.AuditRecord], filters: Filters, query: str, *, prefix: str) -> str:
-    esc = xhtml_escape
-
-    def cell(value: Any) -> str:
-        return f"<td>{esc('' if value is None else str(value))}</td>"
-
-    rows = "\n".join(
-        "<tr>" + "".join(cell(v) for v in (
-            r.id, r.user, r.server, r.profile, r.outcome, r.requested_at, r.stopped_at,
-            r.repo_digest or f"{r.image_id} (no repository digest)",
-            ", ".join(f"{d.model} {d.uuid}" for d in r.devices), r.error, "sealed" if r.sealed else "open",
-        )) + "</tr>"
-        for r in records
+    """The table page's HTML, from gpuspawner's ``templates/audit.html`` (every value escaped)."""
+    fields = [(name, label, getattr(filters, name) or "") for name, label in FILTER_FIELDS]
+    return template_environment(TEMPLATES).get_template("audit.html").render(
+        rows=[_cells(r) for r in records], filters=fields, prefix=prefix, query=query, limit=TABLE_LIMIT,
     )
-    def field(name: str, label: str) -> str:
-        return f'<label>{label} <input name="{name}" value="{esc(getattr(filters, name) or "")}"></label> '
 
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gpuspawner audit</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5rem; }}
-table {{ border-collapse: collapse; font-size: .85rem; }} td, th {{ border: 1px solid #ccc; padding: .25rem .4rem; }}
-th {{ background: #f4f4f4; text-align: left; }} form {{ margin-bottom: 1rem; }}
-</style></head><body>
-<h1>Servers and their environments</h1>
-<form method="get">{field("user", "User")}{field("profile", "Profile")}{field("since", "Since")}{field("until", "Until")}
-<button type="submit">Filter</button></form>
-<p>Download: <a href="{prefix}export.csv?{query}">CSV</a> · <a href="{prefix}export.jsonl?{query}">JSONL</a>
-(all matching records; the table shows the first {TABLE_LIMIT}).</p>
-<table><thead><tr><th>Record</th><th>User</th><th>Server</th><th>Profile</th><th>Outcome</th><th>Requested</th>
-<th>Stopped</th><th>Image</th><th>GPUs</th><th>Error</th><th>Seal</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table></body></html>
-"""
+
+def _cells(r: audit.AuditRecord) -> list[str]:
+    """One record's table row, in the order of the page's columns."""
+    values = (
+        r.id, r.user, r.server, r.profile, r.outcome, r.requested_at, r.stopped_at,
+        r.repo_digest or f"{r.image_id} (no repository digest)",
+        ", ".join(f"{d.model} {d.uuid}" for d in r.devices), r.error, "sealed" if r.sealed else "open",
+    )
+    return ["" if v is None else str(v) for v in values]
 
 
 def make_app(store: AuditStore) -> web.Application:
@@ -201,12 +185,12 @@ def make_app(store: AuditStore) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .hubconfig import load_hub_settings
+    from .hubconfig import load_spawner_settings
 
     parser = argparse.ArgumentParser(description="gpuspawner's audit service (started by JupyterHub)")
     parser.add_argument("-f", "--config", required=True, help="the hub's jupyterhub_config.py")
     args = parser.parse_args(argv)
-    db_url = load_hub_settings(args.config, hub_id=None).audit_db_url
+    db_url = load_spawner_settings(args.config).audit_db_url
     store = AuditStore(db_url)
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
     make_app(store).listen(url.port or 80, url.hostname or "127.0.0.1")

@@ -810,13 +810,13 @@ class AsyncAuditStore:
 
 
 def default_audit_url(hub_db_url: str, *, cwd: str) -> str:
-    """An SQLite file beside the hub's own SQLite database; in the hub's folder otherwise."""
-    import os
+    """An SQLite file beside the hub's own SQLite database; in the hub's folder otherwise.
 
-    prefix = "sqlite:///"
-    if hub_db_url.startswith(prefix) and hub_db_url[len(prefix):] not in ("", ":memory:"):
-        path = hub_db_url[len(prefix):]
-        folder = os.path.dirname(path if os.path.isabs(path) else os.path.join(cwd, path))
-    else:
-        folder = cwd
-    return prefix + os.path.join(folder, "gpuspawner-audit.sqlite")
+    A relative SQLite path is taken from `cwd`, as the hub takes it. An in-memory SQLite
+    database, or another backend (``postgresql://…``), puts the file in `cwd`.
+    """
+    hub = sa.engine.make_url(hub_db_url)
+    path = hub.database if hub.get_backend_name() == "sqlite" else None
+    folder = os.path.dirname(os.path.join(cwd, path)) if path and path != ":memory:" else cwd
+    # Not URL.render_as_string(): it would %-escape the path, and hubconfig.data_folder reads it back by slicing.
+    return "sqlite:///" + os.path.join(folder, "gpuspawner-audit.sqlite")

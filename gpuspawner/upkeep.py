@@ -10,12 +10,14 @@ and the audit store for it and carries out its plan.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import docker.errors
+from traitlets import TraitError
+from traitlets.config import Config
 
 from . import labels, reconcile, seams, settings
-from .hubconfig import check_config
 from .hubwide import resources
 from .recorder import close_record
 from .spawner import GPUSpawner
@@ -30,7 +32,8 @@ def check_when_the_hub_starts() -> None:
     Called whenever ``gpuspawner.GPUSpawner`` is looked up (see ``gpuspawner/__init__.py``):
     JupyterHub does that when it applies ``spawner_class = "gpu"`` from its config file, a
     moment before the values are merged into ``app.config``. So the check runs on the event
-    loop's next turn, still inside the hub's start-up, before anyone can spawn. A bad value is
+    loop's next turn, still inside the hub's start-up, before anyone can spawn: it builds the
+    configured spawner class from the configuration (:func:`checked_config`). A bad value is
     logged as one critical line naming the setting, and the hub exits with status 1.
     """
     global _check_scheduled
@@ -45,12 +48,14 @@ def check_when_the_hub_starts() -> None:
     app = JupyterHub.instance()
 
     def check() -> None:
+        spawner_class = app.spawner_class if isinstance(app.spawner_class, type) else GPUSpawner
         try:
-            check_config(app.config)
+            caretaker = checked_config(app.config, spawner_class if issubclass(spawner_class, GPUSpawner) else GPUSpawner)
         except settings.ConfigError as e:
             app.log.critical("Bad configuration: %s", e)
             app.exit(1)
-        resources.keep(maintain(app))
+            return
+        resources.keep(maintain(app, caretaker))
 
     _check_scheduled = True
     loop.call_soon(check)
@@ -64,17 +69,23 @@ class _Caretaker:
     groups: tuple[Any, ...] = ()
 
 
-async def maintain(app: Any) -> None:
+def checked_config(config: Config, spawner_class: type[GPUSpawner] = GPUSpawner) -> GPUSpawner:
+    """A spawner of no server built from the hub's configuration: every setting checked by the traits'
+    own validators (GPUSpawner's, DockerSpawner's, a subclass's), as every server's spawner will be.
+    Raises ConfigError naming the first bad setting, its value and what is allowed."""
+    try:
+        return spawner_class(config=config, user=_Caretaker())
+    except TraitError as e:
+        raise settings.ConfigError(str(e)) from None
+
+
+async def maintain(app: Any, caretaker: GPUSpawner) -> None:
     """The hub's own upkeep: once the hub has started, and every ``reconcile_interval`` after,
     check its containers and records against its servers (see :mod:`gpuspawner.reconcile`)."""
     started = getattr(app, "_start_future", None)
     if started is not None:
         await started  # the servers JupyterHub resumes are known only once it has started
-    spawner_class = app.spawner_class if isinstance(app.spawner_class, type) else GPUSpawner
-    if not issubclass(spawner_class, GPUSpawner):
-        spawner_class = GPUSpawner
-    # A spawner of no server: the hub's settings, resolved as for every server, and its Docker path.
-    caretaker = spawner_class(config=app.config, hub=getattr(app, "hub", None), user=_Caretaker())
+    caretaker.hub = getattr(app, "hub", None)  # known once the hub has started
     while True:
         try:
             await reconcile_once(caretaker, app.log)
@@ -125,23 +136,23 @@ async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
             pass
         if c.record_id:
             # the hub may have died before the record learnt its container's id: say which it was
-            await close_record(store, c.record_id, log, outcome="abandoned", error=reconcile.ORPHAN_STOPPED,
-                               stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name)
+            await close_record(store, c.record_id, log, reconcile.Ending(
+                "abandoned", reconcile.ORPHAN_STOPPED, container_id=c.id, container_name=c.name))
     for c in todo.ended:
         try:
             info = await caretaker.docker("inspect_container", c.id)
         except docker.errors.NotFound:
             info = None
-        await close_record(store, c.record_id, log, stopped_at=seams.now_iso(), container_id=c.id, container_name=c.name,
-                           **reconcile.ended_container_changes(info))
+        ending = replace(reconcile.ended_container(info), container_id=c.id, container_name=c.name)
+        await close_record(store, c.record_id, log, ending)
     for c in todo.remove:
         try:
             await caretaker.docker("remove_container", c.id, force=True, v=True)
         except docker.errors.NotFound:
             pass
-    for record_id, changes in todo.close:
-        log.warning("Closing audit record %s: %s", record_id, changes["error"])
-        await close_record(store, record_id, log, stopped_at=seams.now_iso(), **changes)
+    for record_id, ending in todo.close:
+        log.warning("Closing audit record %s: %s", record_id, ending.error)
+        await close_record(store, record_id, log, ending)
     for user, server, record_id in todo.adopt:
         adopted = spawners.get((user, server))
         if adopted is not None and not adopted.audit_record_id:

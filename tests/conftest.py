@@ -7,20 +7,17 @@ or a missing piece of the test bed fails them instead.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import ROOT, unavailable
+from helpers import build_docker_dir, build_singleuser, unavailable
 from testbed import DockerBed, Registry, docker_problem, require_docker
-from testbed.hub import HubSettings, RunningHub, chp_path
+from testbed.hub import HubSetup, RunningHub, chp_path
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -37,18 +34,6 @@ def docker_bed() -> DockerBed:
     if problem is not None:
         unavailable(problem)
     return DockerBed()
-
-
-def build_singleuser(repo: str, packages: str) -> str:
-    """docker/singleuser/build.sh: built once per content, cached by the engine; returns the tag."""
-    out = subprocess.run(
-        [str(ROOT / "docker/singleuser/build.sh"), repo, packages],
-        env=dict(os.environ, PYTHON=sys.executable),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +73,7 @@ def start_hub(
     hub_id = "test-" + secrets.token_hex(4)
 
     def start(*, extra: str = "", timeout: float = 60, **settings_overrides: Any) -> RunningHub:
-        settings = HubSettings(
+        settings = HubSetup(
             workdir=tmp_path,
             image=singleuser_image,
             hub_ip=docker_bed.bridge_gateway,
@@ -120,23 +105,6 @@ def lab_image(docker_bed: DockerBed) -> str:
 def light_image(docker_bed: DockerBed) -> str:
     """A container that answers HTTP at once (docker/light): its start costs almost nothing."""
     return build_docker_dir(docker_bed, "light", "gpuspawner-test/light")
-
-
-def build_docker_dir(bed: DockerBed, name: str, repo: str) -> str:
-    """Build docker/<name>/ (its Dockerfile needs no network), tagged by a hash of the folder's files."""
-    import hashlib
-
-    subprocess.run([str(ROOT / "docker/base/build-debian-base.sh")], check=True, capture_output=True)
-    path = ROOT / "docker" / name
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
-    tag = f"{repo}:{digest.hexdigest()[:12]}"
-    try:
-        bed.api.inspect_image(tag)
-    except Exception:
-        bed.client.images.build(path=str(path), tag=tag, rm=True)
-    return tag
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ fixtures themselves stay in ``conftest.py``, which imports what it needs from he
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,35 @@ def gpus_cli(hub: RunningHub, *, json_out: bool = True) -> Any:
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout) if json_out else out.stdout
+
+
+# --- Images of the test bed (the fixtures and the benchmarks build them alike) ----------------------
+
+
+def build_singleuser(repo: str, packages: str) -> str:
+    """docker/singleuser/build.sh: built once per content, cached by the engine; returns the tag."""
+    out = subprocess.run(
+        [str(ROOT / "docker/singleuser/build.sh"), repo, packages],
+        env=dict(os.environ, PYTHON=sys.executable),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def build_docker_dir(bed: DockerBed, name: str, repo: str) -> str:
+    """Build docker/<name>/ (its Dockerfile needs no network), tagged by a hash of the folder's files."""
+    import hashlib
+
+    subprocess.run([str(ROOT / "docker/base/build-debian-base.sh")], check=True, capture_output=True)
+    path = ROOT / "docker" / name
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
+    tag = f"{repo}:{digest.hexdigest()[:12]}"
+    try:
+        bed.api.inspect_image(tag)
+    except Exception:
+        bed.client.images.build(path=str(path), tag=tag, rm=True)
+    return tag

@@ -132,3 +132,14 @@ def test_pure_modules_pass_mypy_strict() -> None:
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_commands_and_the_audit_service_load_no_docker_library() -> None:
+    # `gpuspawner audit …` and the audit page judge the hub's configuration with GPUSpawner's own
+    # traits (gpuspawner.traits), not by loading the spawner with DockerSpawner and docker-py.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, gpuspawner.cli, gpuspawner.service, gpuspawner.hubconfig, gpuspawner.traits;"
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('docker', 'dockerspawner', 'gpuspawner')))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "'docker" not in loaded and "gpuspawner.spawner" not in loaded, loaded

@@ -196,8 +196,8 @@ def test_the_audit_service_started_as_jupyterhub_starts_it_reads_the_hubs_audit_
     # its database as `gpuspawner audit` does, from the configuration file.
     env = {**service.get("environment", {}), "PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join(sys.path)}
     script = (
-        "import sys; from gpuspawner.cli import load_hub_settings; "
-        "print(load_hub_settings(sys.argv[1], hub_id=None).audit_db_url)"
+        "import sys; from gpuspawner.hubconfig import load_spawner_settings; "
+        "print(load_spawner_settings(sys.argv[1]).audit_db_url)"
     )
     out = subprocess.run(
         [service["command"][0], "-c", script, service["command"][-1]],
@@ -209,15 +209,15 @@ def test_the_audit_service_started_as_jupyterhub_starts_it_reads_the_hubs_audit_
 # --- The shipped configuration as a lab would use it ----------------------------------------------
 
 from gpuspawner.cli import REFERENCE_BEGIN, REFERENCE_END, config_reference  # noqa: E402
-from gpuspawner.hubconfig import check_config  # noqa: E402
 from gpuspawner.images import is_pinned, parse_image  # noqa: E402
 from gpuspawner.profiles import parse_profiles  # noqa: E402
+from gpuspawner.upkeep import checked_config  # noqa: E402
 
 ROOT = CONFIG.parent
 
 
 def test_the_shipped_configuration_passes_the_hub_start_check(hub_app: JupyterHub) -> None:
-    check_config(hub_app.config)
+    checked_config(hub_app.config)
 
 
 def test_example_profiles_cover_what_a_lab_needs(hub_app: JupyterHub) -> None:
@@ -237,7 +237,7 @@ def test_a_digest_from_the_environment_pins_the_multi_gpu_profile(tmp_path: Path
     monkeypatch.setenv("GPUSPAWNER_GPU_IMAGE_DIGEST", digest)
     app = JupyterHub()
     app.load_config_file(str(CONFIG))
-    check_config(app.config)
+    checked_config(app.config)
     (a100,) = [p for p in parse_profiles(app.config.GPUSpawner.profiles) if p.slug == "a100-2"]
     assert a100.image == parse_image(digest) and is_pinned(a100.image, pinning="digest")
 

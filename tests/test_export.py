@@ -17,6 +17,7 @@ import pytest
 from traitlets import TraitError
 from traitlets.config import Config
 
+from gpuspawner import seams
 from gpuspawner.audit import REDACTED, AuditRecord, RecordedDevice, is_secret, parse_redact_names, without_secrets
 from gpuspawner.export import csv_lines, jsonl_lines, reproduce_command, ro_crate_chunks
 from gpuspawner.settings import ConfigError
@@ -186,18 +187,25 @@ def test_admins_add_names_and_glob_patterns(extra: list[str], name: str, secret:
     ids=["not-a-list", "space", "empty", "not-text"],
 )
 def test_bad_redact_names_stop_the_hub_with_a_message_naming_the_setting(value: Any, message: str) -> None:
-    from gpuspawner.hubconfig import check_config
+    from gpuspawner.hubconfig import spawner_settings
     from gpuspawner.spawner import GPUSpawner
+    from gpuspawner.upkeep import checked_config
 
     with pytest.raises(ConfigError) as e:
         parse_redact_names(value, where="GPUSpawner.audit_redact_names")
     assert str(e.value).startswith(message)
-    with pytest.raises(ConfigError) as e:
-        check_config(Config({"GPUSpawner": {"audit_redact_names": value}}))
-    assert str(e.value).startswith(message)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):  # else traitlets' own type check
-        with pytest.raises(TraitError, match=re.escape(message)):
-            GPUSpawner(config=Config({"GPUSpawner": {"audit_redact_names": value}}))
+    config = Config({"GPUSpawner": {"audit_redact_names": value}})
+    if isinstance(value, str):  # traitlets takes one name for a list of one, which is then fine
+        assert spawner_settings(config).audit_redact_names == checked_config(config).audit_redact_names == [value]
+        return
+    if not all(isinstance(v, str) for v in value):  # traitlets' own type check says it first
+        message = "The 'audit_redact_names' trait of a GPUSpawner instance contains an Unicode of a List which expected a unicode string, not the int 3."
+    for check in (spawner_settings, checked_config):  # the commands' check, and the hub's at start
+        with pytest.raises(ConfigError) as e:
+            check(config)
+        assert str(e.value).startswith(message)
+    with pytest.raises(TraitError, match=re.escape(message)):
+        GPUSpawner(config=config)
 
 
 def test_the_spawner_reads_the_admins_names() -> None:
@@ -304,15 +312,19 @@ def test_the_ro_crate_reads_back_with_ro_crate_py_and_every_reference_resolves(t
     assert len(ids) == len(set(ids)), "every entity once"
     # the workflow-run context defines containerImage, ContainerImage, registry, tag, sha256, environment
     assert raw["@context"] == ["https://w3id.org/ro/crate/1.1/context", "https://w3id.org/ro/terms/workflow-run/context"]
+    assert (crate.metadata["conformsTo"], crate.metadata["about"].id) == ("https://w3id.org/ro/crate/1.1", "./")
     assert crate.root_dataset["conformsTo"].id == PROCESS_RUN_CRATE
-    assert crate.get(PROCESS_RUN_CRATE).type == "CreativeWork"
+    profile = crate.get(PROCESS_RUN_CRATE)
+    assert (profile.type, profile["name"], profile["version"]) == ("CreativeWork", "Process Run Crate", "0.5")
     actions = [e for e in crate.get_entities() if e.type == "CreateAction"]
     assert sorted(a.id for a in actions) == [f"#server-r{n}" for n in range(1, 6)]
     assert sorted(m.id for m in as_list(crate.root_dataset["mentions"])) == sorted(a.id for a in actions)
     for action in actions:
         assert action["instrument"].type == "SoftwareApplication"
         assert action["containerImage"].type == "ContainerImage"
-        assert action["agent"].type == "Person"
+        assert action["agent"].type == "Person" and action["agent"]["name"]
+        # the profile: an error only on a failed action
+        assert (action.get("error") is not None) == (action["actionStatus"] == "http://schema.org/FailedActionStatus")
         assert all(p.type == "PropertyValue" for p in as_list(action["additionalProperty"]))
 
 
@@ -353,6 +365,13 @@ def test_the_ro_crate_has_the_profiles_required_and_recommended_properties() -> 
         assert (image["registry"], image["name"], image["tag"], image["sha256"]) == (
             "127.0.0.1:5000", "lab/pytorch", "2024.10", "c" * 64)
     assert graph["#server-r1"]["containerImage"] == graph["#server-r2"]["containerImage"]  # one image entity
+
+
+def test_the_crate_is_dated_by_the_clock_seam_unless_a_date_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seams, "now_iso", lambda: "2030-01-02T03:04:05.000006+00:00")
+    dated = {e["@id"]: e for e in json.loads("".join(ro_crate_chunks([record(1)])))["@graph"]}
+    assert dated["./"]["datePublished"] == "2030-01-02T03:04:05.000006+00:00"
+    assert crate_graph([record(1)])["./"]["datePublished"] == "2026-12-01T09:00:00+00:00"
 
 
 def facts(graph: dict[str, dict[str, Any]], action_id: str) -> dict[str, list[Any]]:

@@ -27,3 +27,16 @@ def test_a_pool_is_made_once_with_the_threads_first_asked_for() -> None:
     assert hub.pool("pull", 2) is hub.pool("pull", 8)
     assert hub.pool("pull", 2)._max_workers == 2
     hub.reset()
+
+
+async def test_reset_cancels_the_background_tasks() -> None:
+    import asyncio
+
+    hub = HubResources()
+    task = hub.keep(asyncio.sleep(3600))
+    done = hub.keep(asyncio.sleep(0))
+    await done
+    assert hub.tasks == {task}  # a finished task is let go at once
+    hub.reset()
+    await asyncio.sleep(0)
+    assert task.cancelled() and fresh(hub)

@@ -2,7 +2,16 @@
 
 import pytest
 
-from gpuspawner.images import ImageRef, ImageReferenceError, is_pinned, parse_image, repo_digest_for
+from gpuspawner.images import (
+    ImageRef,
+    ImageReferenceError,
+    is_pinned,
+    must_look_up,
+    parse_image,
+    pull_arguments,
+    pull_step,
+    repo_digest_for,
+)
 
 D = "sha256:" + "a" * 64
 
@@ -55,3 +64,35 @@ def test_the_repo_digest_is_the_one_of_the_repository_asked_for() -> None:
     assert repo_digest_for(parse_image("127.0.0.1:5000/lab/img:v1"), digests) == f"127.0.0.1:5000/lab/img@{D}"
     assert repo_digest_for(parse_image("lab/img:v1"), digests) is None  # docker.io/lab/img: another repository
     assert repo_digest_for(parse_image("127.0.0.1:5000/lab/img@sha256:" + "e" * 64), digests) is None
+
+
+# --- What a spawn does for its image under DockerSpawner.pull_policy --------------------------------
+
+
+@pytest.mark.parametrize(("policy", "present", "step"), [
+    ("ifnotpresent", True, "use"),
+    ("ifnotpresent", False, "pull"),
+    ("IfNotPresent", False, "pull"),  # DockerSpawner's trait ignores case
+    ("always", None, "pull"),
+    ("Always", None, "pull"),
+    ("never", True, "use"),
+    ("never", False, "refuse"),
+    ("skip", True, "use"),
+    ("skip", False, "refuse"),
+])
+def test_the_pull_policy_decides_whether_a_spawn_pulls(policy: str, present: bool | None, step: str) -> None:
+    assert must_look_up(policy) == (present is not None)
+    assert pull_step(policy, present=present) == step
+
+
+@pytest.mark.parametrize(("reference", "arguments"), [
+    ("lab/scipy:2026-08", ("lab/scipy", "2026-08")),
+    ("ubuntu", ("ubuntu", "latest")),
+    ("docker.io/library/ubuntu:24.04", ("ubuntu", "24.04")),
+    ("127.0.0.1:5000/lab/torch:cu12", ("127.0.0.1:5000/lab/torch", "cu12")),
+    ("127.0.0.1:5000/lab/torch", ("127.0.0.1:5000/lab/torch", "latest")),
+    ("127.0.0.1:5000/lab/torch@sha256:" + "a" * 64, ("127.0.0.1:5000/lab/torch", "sha256:" + "a" * 64)),
+    ("lab/torch:cu12@sha256:" + "b" * 64, ("lab/torch", "sha256:" + "b" * 64)),  # the digest is what is pulled
+], ids=["tag", "no-tag", "docker-hub-long-form", "registry-with-port", "registry-no-tag", "digest", "tag-and-digest"])
+def test_a_pull_names_the_repository_and_the_tag_or_digest(reference: str, arguments: tuple[str, str]) -> None:
+    assert pull_arguments(reference) == arguments

@@ -21,7 +21,7 @@ A100, BARE = parse_profiles([
 def configured(**changes: Any) -> Configured:
     values: dict[str, Any] = {
         "image": "lab/base:1", "mem_limit": 4 * GiB, "cpu_limit": 2.0,
-        "environment": {"LANG": "C.UTF-8", "CALLED": lambda spawner: "x"}, "gpu_request": 0,
+        "environment": {"LANG": "C.UTF-8", "CALLED": lambda spawner: "x"}, "gpu_request": GPURequest(),
     }
     return Configured(**{**values, **changes})
 
@@ -31,10 +31,10 @@ def configured(**changes: Any) -> Configured:
     [
         (spawn_plan(None, configured()),
          SpawnPlan(image="lab/base:1", mem_limit=4 * GiB, cpu_limit=2.0, gpus=GPURequest(), environment={"LANG": "C.UTF-8"})),
-        (spawn_plan(None, configured(gpu_request={"count": 2}), image_option="lab/other:2"),
+        (spawn_plan(None, configured(gpu_request=GPURequest(count=2)), image_option="lab/other:2"),
          SpawnPlan(image="lab/other:2", mem_limit=4 * GiB, cpu_limit=2.0, gpus=GPURequest(count=2),
                    environment={"LANG": "C.UTF-8"})),
-        (spawn_plan(BARE, configured(gpu_request=1)),
+        (spawn_plan(BARE, configured(gpu_request=GPURequest(count=1))),
          SpawnPlan(image="lab/notebook:2024.10", mem_limit=4 * GiB, cpu_limit=2.0, gpus=GPURequest(),
                    environment={"LANG": "C.UTF-8"}, profile=BARE, profile_hash=spawn_plan(BARE, configured()).profile_hash)),
     ],
@@ -56,3 +56,20 @@ def test_a_profile_sets_its_image_limits_gpus_and_environment() -> None:
 def test_without_a_profile_the_plan_names_none() -> None:
     plan = spawn_plan(None, configured())
     assert (plan.profile_slug, plan.profile_hash, dict(plan.profile_environment)) == ("", None, {})
+
+
+def test_a_kept_container_is_reused_only_for_the_same_settings() -> None:
+    plan = spawn_plan(A100, configured())
+    same = {"image": "lab/torch@sha256:" + "a" * 64, "image_id": "sha256:" + "b" * 64, "devices": ("GPU-1",)}
+    base = plan.settings_hash(**same)
+    assert base == spawn_plan(A100, configured()).settings_hash(**same)
+    assert base != plan.settings_hash(**{**same, "image": "lab/torch@sha256:" + "c" * 64})
+    assert base != plan.settings_hash(**{**same, "devices": ("GPU-2",)})
+    assert base == spawn_plan(A100, configured(mem_limit=GiB)).settings_hash(**same)  # the profile's limit is in force
+    bare = spawn_plan(BARE, configured()).settings_hash(**same)
+    assert bare != spawn_plan(BARE, configured(mem_limit=GiB)).settings_hash(**same)  # the configured limit is in force
+
+
+def test_the_recorded_environment_keeps_no_secret() -> None:
+    plan = spawn_plan(None, configured(environment={"HF_TOKEN": "hf_x", "LAB_LICENSE": "1234@lic", "LANG": "C"}))
+    assert plan.recorded_environment(["LAB_*"]) == {"HF_TOKEN": "<redacted>", "LAB_LICENSE": "<redacted>", "LANG": "C"}

@@ -205,11 +205,11 @@ def test_a_bad_options_limit_is_refused_naming_the_setting_and_what_is_allowed(v
 def test_the_hub_refuses_to_start_with_a_bad_options_limit() -> None:
     from traitlets.config import Config
 
-    from gpuspawner.hubconfig import check_config
+    from gpuspawner.upkeep import checked_config
 
     config = Config()
     config.GPUSpawner.max_user_options_bytes = 10
     with pytest.raises(ConfigError, match=r"^GPUSpawner.max_user_options_bytes is 10; allowed: a whole number"):
-        check_config(config)
+        checked_config(config)
     config.GPUSpawner.max_user_options_bytes = 8192
-    check_config(config)
+    checked_config(config)

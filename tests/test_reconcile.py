@@ -11,7 +11,7 @@ from gpuspawner.reconcile import (
     ContainerView,
     OpenRecord,
     ServerView,
-    ended_container_changes,
+    ended_container,
     plan,
 )
 
@@ -66,7 +66,7 @@ def test_a_kept_container_whose_record_is_sealed_is_left_alone() -> None:
     ("running", {"outcome": "died", "error": GONE_UNSEEN}),
 ])
 def test_an_open_record_with_neither_server_nor_container_is_closed(outcome: str, expected: dict) -> None:
-    assert plan([], [], [record(outcome=outcome)]).close == [("r1", expected)]
+    assert [(r, e.changes()) for r, e in plan([], [], [record(outcome=outcome)]).close] == [("r1", expected)]
 
 
 def test_a_spawn_in_progress_keeps_its_record_open() -> None:
@@ -107,4 +107,9 @@ def test_an_unconfirmed_claim_is_dropped_once_its_server_has_no_live_container(
      {"outcome": "died", "exit_code": 0, "oom_killed": False, "error": "Its container ended by itself (exit code 0)."}),
 ], ids=["removed", "killed", "oom", "exited"])
 def test_how_an_ended_container_is_recorded(state: dict | None, expected: dict) -> None:
-    assert ended_container_changes(None if state is None else {"State": state}) == expected
+    assert ended_container(None if state is None else {"State": state}).changes() == expected
+
+
+def test_an_ending_names_the_container_it_was_read_from() -> None:
+    ending = ended_container({"Id": "c1", "Name": "/jupyter-ada", "State": {"ExitCode": 1}})
+    assert (ending.container_id, ending.container_name, ending.exit_code) == ("c1", "jupyter-ada", 1)

@@ -5,8 +5,9 @@ from traitlets.config import Config
 
 from gpuspawner.allocation import GPURequest
 from gpuspawner.devices import GiB, MiB
-from gpuspawner.hubconfig import check_config
+from gpuspawner.hubconfig import spawner_settings
 from gpuspawner.settings import ConfigError, parse_bytes, parse_gpu_request
+from gpuspawner.upkeep import checked_config
 
 WHERE = "GPUSpawner.gpu_request"
 
@@ -62,19 +63,25 @@ def test_sizes(value: object, expected: int) -> None:
     [
         ({"GPUSpawner": {"gpu_request": {"count": "two"}}}, "GPUSpawner.gpu_request: 'count' is 'two'"),
         ({"GPUSpawner": {"busy_memory_threshold": "a lot"}}, "GPUSpawner.busy_memory_threshold is 'a lot'"),
-        ({"GPUSpawner": {"gpu_wait_timeout": -5}}, "GPUSpawner.gpu_wait_timeout is -5; allowed: a number of seconds"),
-        ({"GPUSpawner": {"device_injection": "amd"}}, "GPUSpawner.device_injection is 'amd'; allowed: 'nvidia' or 'cdi'."),
-        ({"DockerSpawner": {"extra_host_config": {"device_requests": []}}}, "DockerSpawner.extra_host_config sets 'device_requests'"),
+        ({"GPUSpawner": {"gpu_wait_timeout": -5}}, "GPUSpawner.gpu_wait_timeout is -5.0; allowed: a number of seconds"),
+        ({"GPUSpawner": {"device_injection": "amd"}}, "The 'device_injection' trait of a GPUSpawner instance expected any of ['nvidia', 'cdi'], not the str 'amd'."),
+        ({"DockerSpawner": {"extra_host_config": {"device_requests": []}}}, "GPUSpawner.extra_host_config sets 'device_requests'"),
         ({"GPUSpawner": {"docker_threads": 0}}, "GPUSpawner.docker_threads is 0; allowed: a whole number of threads, 1 or more."),
-        ({"GPUSpawner": {"pull_threads": "4"}}, "GPUSpawner.pull_threads is '4'; allowed: a whole number of threads, 1 or more."),
+        ({"GPUSpawner": {"pull_threads": "4"}}, "The 'pull_threads' trait of a GPUSpawner instance expected an int, not the str '4'."),
+        ({"GPUSpawner": {"max_gpus_per_group": {"students": -1}}}, "GPUSpawner.max_gpus_per_group['students'] is -1; allowed: a whole number, 0 or more."),
+        ({"GPUSpawner": {"nvml_timeout": -1}}, "GPUSpawner.nvml_timeout is -1.0; allowed: a number of seconds, 0 or more."),
     ],
     ids=["gpu-request", "threshold", "wait-timeout", "injection", "device-requests-in-host-config", "docker-threads",
-         "pull-threads"],
+         "pull-threads", "group-quota", "nvml-timeout"],
 )
 def test_hub_config_check_names_the_trait(config: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        check_config(Config(config))
+        checked_config(Config(config))
     assert str(e.value).startswith(message)
+    if "DockerSpawner" not in config:  # the commands judge GPUSpawner's own settings alike, without Docker
+        with pytest.raises(ConfigError) as e:
+            spawner_settings(Config(config))
+        assert str(e.value).startswith(message)
 
 
 def test_subclass_sections_override_the_base_section() -> None:
@@ -84,7 +91,21 @@ def test_subclass_sections_override_the_base_section() -> None:
         pass
 
     config = Config({"GPUSpawner": {"gpu_request": {"count": "x"}}, "LabSpawner": {"gpu_request": 1}})
-    check_config(config, LabSpawner)  # the subclass value is the one in force, and it is fine
+    # the subclass value is the one in force, and it is fine
+    assert checked_config(config, LabSpawner).gpu_request == GPURequest(count=1)
+    assert spawner_settings(config, LabSpawner).gpu_request == GPURequest(count=1)
+
+
+def test_a_refusal_names_the_subclass_configured() -> None:
+    from gpuspawner import GPUSpawner
+
+    class LabSpawner(GPUSpawner):
+        pass
+
+    config = Config({"LabSpawner": {"busy_memory_threshold": "lots"}})
+    for check in (checked_config, spawner_settings):
+        with pytest.raises(ConfigError, match=r"^LabSpawner.busy_memory_threshold is 'lots'; allowed: a size"):
+            check(config, LabSpawner)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import psycopg.errors
 import pytest
 import sqlalchemy as sa
 
+from gpuspawner import seams
 from gpuspawner.audit import GENESIS, AuditRecord, ChainHead
 from gpuspawner.store import (
     AsyncAuditStore,
@@ -204,8 +205,13 @@ def test_changing_one_field_in_the_database_is_caught_by_verify(store: AuditStor
     [
         ("sqlite:////srv/hub/jupyterhub.sqlite", "sqlite:////srv/hub/gpuspawner-audit.sqlite"),
         ("sqlite:///jupyterhub.sqlite", "sqlite:////cwd/gpuspawner-audit.sqlite"),
+        ("sqlite:///data/jupyterhub.sqlite", "sqlite:////cwd/data/gpuspawner-audit.sqlite"),
+        ("sqlite+pysqlite:////srv/hub/jupyterhub.sqlite", "sqlite:////srv/hub/gpuspawner-audit.sqlite"),
+        ("sqlite:///:memory:", "sqlite:////cwd/gpuspawner-audit.sqlite"),
+        ("sqlite://", "sqlite:////cwd/gpuspawner-audit.sqlite"),
         ("postgresql://hub@db/jupyterhub", "sqlite:////cwd/gpuspawner-audit.sqlite"),
     ],
+    ids=["absolute", "relative", "relative-folder", "named-driver", "memory", "memory-short", "postgresql"],
 )
 def test_default_store_sits_beside_the_hub_database(hub_db: str, expected: str) -> None:
     assert default_audit_url(hub_db, cwd="/cwd") == expected
@@ -499,6 +505,19 @@ def test_a_store_sealed_before_keys_is_taken_over_without_breaking_its_history(t
     assert "record r002 (#2): its content does not match its seal" in store.verify().problems
     # taking over happens once: a second hub process with the same key finds it done
     assert AuditStore(f"sqlite:///{path}", key=KEY).verify(key=KEY).start == result.start
+
+
+def test_the_sealing_key_is_dated_by_the_clock_seam_and_verify_shows_that_date(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(seams, "now_iso", lambda: "2030-01-02T03:04:05.000006+00:00")
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}", key=KEY)
+    new(store, 1)
+    store.finish("r001", outcome="stopped")
+    result = store.verify()
+    assert result.ok and result.start is not None
+    assert result.start.introduced_at == "2030-01-02T03:04:05.000006+00:00"
+    assert "used since 2030-01-02T03:04:05.000006+00:00." in result.message()
 
 
 def test_a_hub_with_another_key_writes_nothing(store_url: str) -> None:

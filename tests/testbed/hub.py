@@ -24,7 +24,7 @@ def chp_path() -> str | None:
 
 
 @dataclass
-class HubSettings:
+class HubSetup:
     """What a test hub is made of; `extra` is appended to the generated jupyterhub_config.py."""
 
     workdir: Path
@@ -37,6 +37,7 @@ class HubSettings:
     debug: bool = True  # the benchmarks log less, so logging costs neither spawner time
     configure_hub_id: bool = True  # False: the hub makes and keeps its own (gpuspawner-hub-id)
     hostname: str | None = None  # run the hub in a UTS namespace of its own with this host name
+    env: dict[str, str] = field(default_factory=dict)  # added to the hub's environment (benchmarks: PYTHONPATH)
     proxy_port: int = field(default_factory=free_port)
     hub_port: int = field(default_factory=free_port)
     proxy_api_port: int = field(default_factory=free_port)
@@ -45,7 +46,7 @@ class HubSettings:
 class RunningHub:
     """One jupyterhub process (with its configurable-http-proxy), started and stopped by a test."""
 
-    def __init__(self, settings: HubSettings) -> None:
+    def __init__(self, settings: HubSetup) -> None:
         self.settings = settings
         self.url = f"http://127.0.0.1:{settings.proxy_port}"
         self.api_url = f"{self.url}/hub/api"
@@ -90,7 +91,7 @@ c.DockerSpawner.prefix = {'t-' + s.hub_id!r}
         )
 
     def start(self, *, timeout: float = 60) -> RunningHub:
-        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.settings.env}
         log = open(self.log_file, "ab")
         command = [str(BIN / "jupyterhub"), "-f", str(self.config_file), *(["--debug"] if self.settings.debug else [])]
         if self.settings.hostname:  # as a hub whose container was recreated: same data, another host name

@@ -108,7 +108,7 @@ BAD_OPTIONS = ({"profile": "no-such-profile"}, {"profile": "cpu", "image": "evil
 
 
 def hub_config(spec: Path, image: str) -> str:
-    """Extra hub configuration (HubSettings.extra): simulated NVML, the profiles, named servers."""
+    """Extra hub configuration (HubSetup.extra): simulated NVML, the profiles, named servers."""
     return f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
