@@ -158,6 +158,12 @@ elif auth == "shared-password":
         c.SharedPasswordAuthenticator.admin_password = secret_file("admin-password", length=40)
 else:
     raise ValueError(f"GPUSPAWNER_AUTH is {auth!r}; it must be 'native' or 'shared-password'.")
+# The home page warns before a time limit stops a server, and says why the hub stopped one
+# (gpuspawner/reclaim.py); gpuspawner's page comes first, then the authenticator's.
+from gpuspawner.reclaim import HUB_TEMPLATES, page_notices  # noqa: E402
+
+c.JupyterHub.template_paths = [HUB_TEMPLATES, *(c.JupyterHub.template_paths if "template_paths" in c.JupyterHub else [])]
+c.JupyterHub.template_vars = {"gpuspawner_notices": page_notices}
 # Groups decide who may use which profile. Manage them in the admin page (/hub/admin) or here:
 c.JupyterHub.load_groups = {"ml-lab": {"users": []}, "course": {"users": []}}
 

@@ -1,10 +1,14 @@
-"""How long one allocation decision takes on a big host: 64 devices, 100 claims.
+"""How long one allocation decision takes on a big host: 64 devices, 100 claims; with a GPU queue of
+200 waiters; and one round of the time-limit sampler over 64 GPUs.
 
     python benchmarks/allocation.py [--repeat 200]
 
 Measures the pure decision (gpuspawner.allocation.allocate) and the whole in-hub step that
 precedes it on every spawn: rebuilding the claim table from 100 containers' labels, merging
-pending claims, deciding. Prints medians and 95th percentiles in milliseconds.
+pending claims, deciding. Then one look at a queue of 200 waiters (gpuspawner.gpuqueue.serve, as
+each waiter runs it when a GPU frees up), and one sampler round: reading 64 GPUs through NVML
+(the simulated library of the tests, through the same pynvml calls; in a thread in the hub) and
+judging 64 servers' limits. Prints medians and 95th percentiles in milliseconds.
 """
 
 from __future__ import annotations
@@ -85,6 +89,51 @@ def main() -> None:
         f_med, f_p95 = measure(full_step, args.repeat)
         outcome = "granted" if isinstance(decide(), Grant) else "refused"
         print(f"{request.describe() + ' (' + outcome + ')':<28}{d_med:>15.3f} ms{d_p95:>7.3f} ms{f_med:>17.3f} ms{f_p95:>7.3f} ms")
+
+    queue_and_sampler(inventory, args.repeat)
+
+
+def queue_and_sampler(inventory: Inventory, repeat: int) -> None:
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from gpuspawner.gpuqueue import Waiter, serve
+    from gpuspawner.limits import Limits, idle_since, judge
+
+    held = {d.uuid: Holder(f"holder{i}") for i, d in enumerate(inventory.devices)}
+    line = [Waiter(id=f"w{i:03d}", holder=Holder(f"waiter{i:03d}"), request=GPURequest(count=1 + i % 4), joined=i)
+            for i in range(200)]
+    print(f"\n{'GPU queue, 200 waiters (1-4 GPUs each)':<44}{'median':>10}{'p95':>10}")
+    for label, claims in (("all 64 held", held), ("one freed", dict(list(held.items())[1:])),
+                          ("eight freed", dict(list(held.items())[8:]))):
+        def look(claims: dict[str, Holder] = claims) -> object:
+            return serve(line, inventory, claims, busy_memory_threshold=GiB, explain="w199")
+
+        med, p95 = measure(look, repeat)
+        print(f"{'  one look, ' + label:<44}{med:>7.3f} ms{p95:>7.3f} ms")
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import simnvml
+    from gpuspawner.nvml import read_inventory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = simnvml.write_spec(Path(tmp) / "gpus.json", [simnvml.gpu(i, utilization=i % 7) for i in range(64)])
+        simnvml.install(spec)
+        limits = Limits(max_runtime=8 * 3600, idle_timeout=7200)
+        clocks: dict[str, float] = {}
+
+        def sample_round() -> object:
+            found = read_inventory()
+            now = time.time()
+            for d in found.devices:
+                clocks[d.uuid] = idle_since(clocks.get(d.uuid), [d.utilization], threshold=5, now=now) or 0.0
+                judge(limits, started=now - 3600, idle_from=clocks[d.uuid] or None, now=now)
+            return json.dumps(clocks)
+
+        med, p95 = measure(sample_round, max(10, repeat // 10))
+        print(f"{'sampler round, 64 GPUs (NVML read + judging)':<44}{med:>7.3f} ms{p95:>7.3f} ms  (in a thread, off the event loop)")
 
 
 if __name__ == "__main__":

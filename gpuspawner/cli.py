@@ -51,15 +51,38 @@ def hub_containers(hub_id: str) -> list[dict[str, Any]]:
     return containers
 
 
+def limits_of_servers(containers: list[dict[str, Any]], *, hub_id: str) -> dict[Holder, str]:
+    """Holder -> its time limits in words (idle time, time left), from its container's labels and the
+    hub's idle clocks; the runtime counts from the container's creation."""
+    import time
+
+    from .hubconfig import clocks_path, load_clocks
+    from .limits import held_status, limits_from_label
+
+    clocks = load_clocks(clocks_path())
+    found = {}
+    for c in containers:
+        found_labels = c.get("Labels") or {}
+        identity = labels.identity_from_labels(found_labels)
+        limits = limits_from_label(found_labels.get(labels.LIMITS, ""))
+        if identity and identity.hub_id == hub_id and limits.any and c.get("State") == "running":
+            holder = Holder(user=identity.user, server=identity.server)
+            found[holder] = held_status(limits, started=float(c.get("Created") or 0),
+                                        idle_from=clocks.get(found_labels.get(labels.RECORD, "")), now=time.time())
+    return found
+
+
 def device_rows(
     inventory: Inventory,
     claims: dict[str, Holder],
     *,
     busy_memory_threshold: int,
     server_profiles: dict[Holder, str] | None = None,
+    server_limits: dict[Holder, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per device, for the table and for --json."""
+    """One dict per device, for the table and for --json. `server_limits`: each server's time limits in words."""
     server_profiles = server_profiles or {}
+    server_limits = server_limits or {}
     rows = []
     for d in inventory.devices:
         status = device_status(d, claims, busy_memory_threshold=busy_memory_threshold)
@@ -69,6 +92,8 @@ def device_rows(
             holder = claims[d.uuid]
             profile = server_profiles.get(holder)
             where = f"held by {holder}" + (f" (profile {profile})" if profile else "")
+            if server_limits.get(holder):
+                where += f"; {server_limits[holder]}"
         elif status is Status.BUSY:
             where = _busy_reason(d)
         else:
@@ -86,6 +111,7 @@ def device_rows(
                 "status": status.value,
                 "holder": str(claims[d.uuid]) if status is Status.HELD else None,
                 "profile": server_profiles.get(claims[d.uuid]) if status is Status.HELD else None,
+                "limits": server_limits.get(claims[d.uuid]) if status is Status.HELD else None,
                 "where": where,
             }
         )
@@ -142,6 +168,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         claims_from_containers(containers, hub_id=hub_id),
         busy_memory_threshold=hub.busy_memory_threshold,
         server_profiles=profiles_of_servers(containers, hub_id=hub_id),
+        server_limits=limits_of_servers(containers, hub_id=hub_id),
     )
     if args.json:
         out = {

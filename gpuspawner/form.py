@@ -14,30 +14,33 @@ from typing import Any
 import jinja2
 
 from . import profiles
-from .allocation import Holder, availability
+from .allocation import GPURequest, Holder, availability
 from .devices import Inventory
+from .gpuqueue import kind_of
 
 TEMPLATES = Path(__file__).parent / "templates"
 
 
 def form_entries(
     mine: Sequence[profiles.Profile], inventory: Inventory, claims: Mapping[str, Holder], *, holder: Holder,
-    busy_memory_threshold: int, waiting: bool, last_choice: Any,
+    busy_memory_threshold: int, waiting: bool, last_choice: Any, queued: Mapping[GPURequest, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per profile the user may use, as the template reads them.
 
     A profile that cannot start now is selectable only where spawns wait for devices
     (`waiting`). The user's last choice is checked, else the default profile, else the first
-    that can be selected.
+    that can be selected. `queued`: how many spawns wait in the GPU queue for each kind of
+    device (:func:`gpuspawner.gpuqueue.queue_lengths`); a profile shows how many wait before it.
     """
     entries = []
     for p in mine:
         avail = availability(p.gpus, inventory, claims, holder=holder, busy_memory_threshold=busy_memory_threshold)
+        in_line = (queued or {}).get(kind_of(p.gpus), 0) if p.gpus.wants_gpu else 0
         entries.append({
             "slug": p.slug, "display_name": p.display_name, "description": p.description,
             "image": str(p.image), "resources": p.resources(), "availability": avail.text,
-            "startable": avail.startable, "selectable": avail.startable or waiting,
-            "checked": False,
+            "startable": avail.startable and not in_line, "selectable": (avail.startable and not in_line) or waiting,
+            "queued": in_line, "checked": False,
         })
     default_slug = (profiles.default_profile(mine) or mine[0]).slug if mine else None
     wanted = [last_choice, default_slug]

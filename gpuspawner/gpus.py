@@ -9,19 +9,20 @@ status the spawner answers.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import docker.errors
 
 from . import labels
-from .allocation import GPURequest, Grant, Holder, allocate, quota_refusal
+from .allocation import GPURequest, Grant, Holder, Refusal
 from .claims import claims_from_containers, foreign_claims
 from .devices import Inventory
+from .gpuqueue import Waiter, ordinal, serve
 from .hubwide import resources
+from .limits import format_duration
 from .nvml import NVMLTimeout
 
 WAIT_POLL_SECONDS = 2.0
@@ -49,6 +50,7 @@ class Ask:
     busy_memory_threshold: int
     wait_seconds: float  # how long to wait for devices to free up (0: refuse at once)
     admin: bool  # an admin's refusal says more (which servers hold what)
+    profile: str = ""  # the profile chosen ("" without profiles)
 
 
 async def engine_claims(call: Docker, hub_id: str, inventory: Inventory, *, max_age: float = 0) -> dict[str, Holder]:
@@ -85,32 +87,62 @@ async def claim_devices(
     ask: Ask, *, call: Docker, hub_id: str, read_inventory: Callable[[], Awaitable[Inventory]],
     say: Callable[[str], None], log: Any, name: str,
 ) -> Grant:
-    """Choose devices for `ask` and note them as its pending claim; raise NoDevices when there are none.
+    """Devices for `ask`, noted as its pending claim; NoDevices when there are none.
 
+    Where spawns may wait (``gpu_wait_timeout``), the spawn joins the hub's GPU queue and is
+    served in its turn (:func:`gpuspawner.gpuqueue.serve`): it looks again whenever a server's
+    container starts or ends, a waiter leaves, or every few seconds (NVML may change), and says
+    its place in line. Leaving (served, refused, cancelled, timed out) frees its place at once.
     NVML is read outside the lock: a hung NVML then holds up no other spawn (each waits at most
     ``nvml_timeout``), and the hardware's state does not depend on the claims.
     """
-    waited_since = time.monotonic()
-    deadline = waited_since + ask.wait_seconds
-    while True:
-        try:
-            inventory = await read_inventory()
-        except NVMLTimeout as e:
-            raise NoDevices(503, str(e)) from None
-        async with resources.lock:
-            claims = resources.book.merged(await engine_claims(call, hub_id, inventory))
-            over_quota = quota_refusal(ask.request, claims, holder=ask.holder, quota=ask.quota)
-            if over_quota:
-                raise NoDevices(403, over_quota)
-            result = allocate(ask.request, inventory, claims, holder=ask.holder,
-                              busy_memory_threshold=ask.busy_memory_threshold)
-            if isinstance(result, Grant):
-                resources.book.reserve(ask.record_id, ask.holder, result.uuids)
-                return result
-        log.info("No devices for %s: %s", name, result.message(admin=True))
-        remaining = deadline - time.monotonic()
-        if not result.can_wait or remaining <= 0:
-            raise NoDevices(503, result.message(admin=ask.admin))
-        say(f"Waiting for a free GPU ({time.monotonic() - waited_since:.0f} s of "
-            f"{deadline - waited_since:.0f} s): {result.message()}")
-        await asyncio.sleep(min(WAIT_POLL_SECONDS, remaining))
+    me = Waiter(id=ask.record_id, holder=ask.holder, request=ask.request, joined=time.monotonic(), quota=ask.quota,
+                profile=ask.profile)
+    deadline = me.joined + ask.wait_seconds
+    resources.waiters[me.id] = me
+    try:
+        while True:
+            try:
+                inventory = await read_inventory()
+            except NVMLTimeout as e:
+                raise NoDevices(503, str(e)) from None
+            async with resources.lock:
+                claims = resources.book.merged(await engine_claims(call, hub_id, inventory))
+                # without waiting, only this spawn's answer counts, but those waiting ahead keep their turn
+                line = list(resources.waiters.values())
+                turn = serve(line, inventory, claims, busy_memory_threshold=ask.busy_memory_threshold, explain=me.id)
+                if me.id in turn.grants:
+                    grant = turn.grants[me.id]
+                    resources.book.reserve(me.id, me.holder, grant.uuids)
+                    return grant
+            if me.id in turn.over_quota:
+                raise NoDevices(403, turn.over_quota[me.id])
+            if me.id in turn.refused:
+                raise NoDevices(503, turn.refused[me.id])
+            lacking = turn.lacking or Refusal(request=ask.request)
+            log.info("No devices for %s: %s", name, lacking.message(admin=True))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                waited = f" (waited {ask.wait_seconds:.0f} s in line)" if ask.wait_seconds > 0 else ""
+                raise NoDevices(503, lacking.message(admin=ask.admin) + waited)
+            place = turn.places[me.id]
+            say(f"Waiting for {ask.request.describe()}: {ordinal(place)} in line "
+                f"({time.monotonic() - me.joined:.0f} s of {ask.wait_seconds:.0f} s). {lacking.message()}"
+                + soonest_end(ask.request, inventory, claims))
+            await resources.queue_moved(min(WAIT_POLL_SECONDS, remaining))
+    finally:
+        del resources.waiters[me.id]
+        resources.wake_waiters()
+
+
+def soonest_end(request: GPURequest, inventory: Inventory, claims: Mapping[str, Holder]) -> str:
+    """When the first time limit among the servers holding devices of the kind asked for ends, in words."""
+    kinds = {d.uuid for d in inventory.devices if request.matches(d)}
+    now, ends = time.time(), []
+    for holder in {h for u, h in claims.items() if u in kinds}:
+        sp = resources.spawners.get((holder.user, holder.server))
+        if sp is not None and sp.limits.max_runtime is not None and sp.started_at:
+            ends.append(sp.started_at + sp.limits.max_runtime - now)
+    if not ends:
+        return ""
+    return f" The soonest time limit of the servers holding them ends in {format_duration(max(0.0, min(ends)))}."

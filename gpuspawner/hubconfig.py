@@ -8,6 +8,7 @@ library: the ``gpuspawner`` commands and the audit service load it without loadi
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import traceback
@@ -24,12 +25,13 @@ if TYPE_CHECKING:
 HUB_ID_FILE = "gpuspawner-hub-id"
 AUDIT_KEY_FILE = "gpuspawner-audit.key"
 AUDIT_HEAD_FILE = "gpuspawner-audit.head"
+CLOCKS_FILE = "gpuspawner-clocks.json"  # the servers' idle clocks (gpuspawner.reclaim), by audit record
 
 # The configuration sections GPUSpawner reads, most general first (its class and base classes,
 # as traitlets resolves them); tests check this against GPUSpawner.mro().
 SPAWNER_SECTIONS: tuple[str, ...] = (
     "object", "HasDescriptors", "HasTraits", "Configurable", "LoggingConfigurable", "Spawner", "DockerSpawner",
-    "GPUSpawnerConfig", "DockerPath", "GPUSpawner",
+    "GPUSpawnerConfig", "DockerPath", "UserChoice", "GPUSpawner",
 )
 
 
@@ -166,3 +168,23 @@ def config_file_failure(path: Path, error: BaseException) -> str:
     where = f" at line {lines[-1]}" if lines else ""
     first_line = next(iter(str(error).splitlines()), "")
     return f"the configuration file {path} failed{where}: {type(error).__name__}: {first_line}"
+
+
+def clocks_path() -> Path:
+    """Where the hub keeps its servers' idle clocks: in its data folder."""
+    return data_folder(hub_db_url()) / CLOCKS_FILE
+
+
+def load_clocks(path: Path) -> dict[str, float]:
+    """The idle clocks a previous hub process left (record id -> idle since, seconds since the epoch)."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def save_clocks(path: Path, clocks: dict[str, float]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(clocks, sort_keys=True))
+    tmp.replace(path)

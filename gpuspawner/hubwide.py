@@ -1,7 +1,7 @@
 """The resources one hub process shares among all its servers, held in one named object.
 
 The NVML reader, the pending claims and the lock that makes allocation one decision at a
-time, the audit stores, the thread pools for Docker calls, the hub's identity once read, the
+time, the GPU queue, the audit stores, the thread pools for Docker calls, the hub's identity once read, the
 live spawners (to tell a server's container from an orphan) and the background tasks. There
 is one :data:`resources` per hub process; tests start afresh with :meth:`HubResources.reset`.
 """
@@ -9,6 +9,7 @@ is one :data:`resources` per hub process; tests start afresh with :meth:`HubReso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .allocation import Holder
 from .claims import ClaimBook
+from .gpuqueue import Waiter
 from .nvml import NVMLInventory
 from .store import AsyncAuditStore
 
@@ -50,6 +52,10 @@ class HubResources:
         self.foreign: dict[str, dict[str, Any]] = {}  # container id -> inspection, for other containers' devices
         self.engine_claims: dict[str, tuple[float, dict[str, Holder]]] = {}  # hub id -> (when read, claims), for the form
         self.tasks: set[asyncio.Future[Any]] = set()
+        self.waiters: dict[str, Waiter] = {}  # the GPU queue: spawn (record id) -> what it waits for
+        self.idle_clocks: dict[str, float] = {}  # record id -> since when its server's GPUs are idle (epoch)
+        self.last_stops: dict[tuple[str, str], str] = {}  # (user, server) -> why the hub stopped it last
+        self._queue_moved: asyncio.Event | None = None
 
     def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
         """Run `aw` in the background, keeping a reference until it ends."""
@@ -59,8 +65,23 @@ class HubResources:
         return task
 
     def containers_changed(self) -> None:
-        """A server's container started or ended: the claims the form shows are read afresh."""
+        """A server's container started or ended, or a failed spawn gave its devices back: the claims
+        the form shows are read afresh, and the GPU queue looks again."""
         self.engine_claims.clear()
+        self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        """Devices may have freed up or a place in the GPU queue: every waiter looks again."""
+        if self._queue_moved is not None:
+            self._queue_moved.set()
+            self._queue_moved = None
+
+    async def queue_moved(self, timeout: float) -> None:
+        """Wait until :meth:`wake_waiters`, or `timeout` seconds."""
+        if self._queue_moved is None:
+            self._queue_moved = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue_moved.wait(), timeout)
 
     def pool(self, name: str, threads: int) -> ThreadPoolExecutor:
         """The hub's thread pool called `name`, made with `threads` workers on first use."""

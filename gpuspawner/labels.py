@@ -23,6 +23,7 @@ DEVICES = PREFIX + "devices"  # comma-separated UUIDs of the GPUs / MIG devices 
 PROFILE = PREFIX + "profile"  # the slug of the profile the server was started with ("" without profiles)
 RECORD = PREFIX + "record"  # the id of the audit record of the spawn that created the container
 SETTINGS = PREFIX + "settings"  # a hash of the settings the container was created from (see settings_hash)
+LIMITS = PREFIX + "limits"  # the server's time limits as JSON (gpuspawner.limits), "" without any
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def server_labels(
     profile: str = "",
     record: str = "",
     settings: str = "",
+    limits: str = "",
 ) -> dict[str, str]:
     """The labels to put on a server's container: its devices, profile, audit record and settings hash."""
     return {
@@ -63,6 +65,7 @@ def server_labels(
         PROFILE: profile,
         RECORD: record,
         SETTINGS: settings,
+        LIMITS: limits,
     }
 
 

@@ -8,11 +8,12 @@ spawn's profile never leaks into the next (see kubespawner #390).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import audit, labels, profiles
 from .allocation import GPURequest
+from .limits import Limits
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Configured:
     cpu_limit: float | None
     environment: Mapping[str, Any]  # DockerSpawner.environment: values are strings or callables
     gpu_request: GPURequest  # GPUSpawner.gpu_request
+    limits: Limits = Limits()  # GPUSpawner.max_runtime, gpu_idle_timeout, gpu_idle_threshold: for GPU servers
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SpawnPlan:
     environment: Mapping[str, str] = field(default_factory=dict)
     profile: profiles.Profile | None = None
     profile_hash: str | None = None  # the hash of the profile as configured, for the record
+    limits: Limits = Limits()  # when the hub stops the server (see gpuspawner.limits)
 
     @property
     def profile_slug(self) -> str:
@@ -68,7 +71,8 @@ def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, imag
     """The settings of a spawn with `profile` (None: no profiles) over the `configured` values.
 
     A profile's image, GPUs and environment are its own; its limits, where it sets them, win over
-    the configured ones. `image_option` (without profiles) is the image the user chose from
+    the configured ones. The configured time limits hold for servers with GPUs; a profile's own
+    time limits hold whatever it asks for. `image_option` (without profiles) is the image the user chose from
     ``DockerSpawner.allowed_images``, already checked.
     """
     environment = {k: v for k, v in configured.environment.items() if isinstance(v, str)}
@@ -79,7 +83,9 @@ def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, imag
             cpu_limit=configured.cpu_limit,
             gpus=configured.gpu_request,
             environment=environment,
+            limits=configured.limits if configured.gpu_request.wants_gpu else Limits(),
         )
+    hub_wide = configured.limits if profile.gpus.wants_gpu else Limits(warn_before=configured.limits.warn_before)
     return SpawnPlan(
         image=str(profile.image),
         mem_limit=profile.mem_limit if profile.mem_limit is not None else configured.mem_limit,
@@ -88,4 +94,14 @@ def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, imag
         environment={**environment, **profile.environment},
         profile=profile,
         profile_hash=audit.content_hash(profiles.profile_config(profile)),
+        limits=replace(
+            hub_wide,
+            max_runtime=_first(profile.max_runtime, hub_wide.max_runtime),
+            idle_timeout=_first(profile.gpu_idle_timeout, hub_wide.idle_timeout),
+            idle_threshold=_first(profile.gpu_idle_threshold, hub_wide.idle_threshold),
+        ),
     )
+
+
+def _first(own: float | None, otherwise: float | None) -> Any:
+    return own if own is not None else otherwise

@@ -34,13 +34,14 @@ from typing import Any
 from .allocation import GPURequest
 from .devices import format_bytes
 from .images import ImageRef, ImageReferenceError, Pinning, is_pinned, parse_image, pinning_rule
+from .limits import format_duration, parse_duration, parse_percent
 from .settings import ConfigError, parse_bytes, parse_gpu_request
 from .userinput import OptionsError as OptionsError  # raised here; its home is userinput
 from .userinput import quote
 
 PROFILE_KEYS = (
     "slug", "display_name", "description", "default", "image", "gpus", "cpu_limit", "mem_limit",
-    "environment", "allowed_groups", "allowed_users",
+    "environment", "allowed_groups", "allowed_users", "max_runtime", "gpu_idle_timeout", "gpu_idle_threshold",
 )
 REQUIRED_KEYS = ("slug", "display_name", "image")
 _SLUG = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
@@ -59,6 +60,9 @@ class Profile:
     environment: Mapping[str, str] = field(default_factory=dict)
     allowed_groups: frozenset[str] = frozenset()
     allowed_users: frozenset[str] = frozenset()
+    max_runtime: float | None = None  # seconds after its start that the server is stopped
+    gpu_idle_timeout: float | None = None  # seconds of idle GPUs after which the server is stopped
+    gpu_idle_threshold: float | None = None  # percent utilisation under which a GPU counts as idle
 
     def allows(self, user: str, groups: Iterable[str]) -> bool:
         """Everyone, unless the profile names users or groups."""
@@ -73,6 +77,10 @@ class Profile:
             parts.append(f"{self.cpu_limit:g} CPU{'s' if self.cpu_limit != 1 else ''}")
         if self.mem_limit is not None:
             parts.append(f"{format_bytes(self.mem_limit)} memory")
+        if self.max_runtime is not None:
+            parts.append(f"at most {format_duration(self.max_runtime)}")
+        if self.gpu_idle_timeout is not None:
+            parts.append(f"stopped after {format_duration(self.gpu_idle_timeout)} of idle GPU")
         return " · ".join(parts)
 
 
@@ -131,6 +139,10 @@ def _parse_profile(item: Any, *, where: str, pinning: Pinning) -> Profile:
         environment=_parse_environment(item.get("environment", {}), where=name),
         allowed_groups=_parse_names(item.get("allowed_groups", ()), key="allowed_groups", where=name),
         allowed_users=_parse_names(item.get("allowed_users", ()), key="allowed_users", where=name),
+        max_runtime=parse_duration(item.get("max_runtime"), where=f"{name}: 'max_runtime'"),
+        gpu_idle_timeout=parse_duration(item.get("gpu_idle_timeout"), where=f"{name}: 'gpu_idle_timeout'"),
+        gpu_idle_threshold=None if item.get("gpu_idle_threshold") is None
+        else parse_percent(item["gpu_idle_threshold"], where=f"{name}: 'gpu_idle_threshold'"),
     )
 
 
@@ -235,4 +247,6 @@ def profile_config(profile: Profile) -> dict[str, Any]:
         "cpu_limit": profile.cpu_limit, "mem_limit": profile.mem_limit,
         "environment": dict(sorted(profile.environment.items())),
         "allowed_groups": sorted(profile.allowed_groups), "allowed_users": sorted(profile.allowed_users),
+        # time limits only where set: the hash of a profile without them is what it always was
+        **{k: v for k in ("max_runtime", "gpu_idle_timeout", "gpu_idle_threshold") if (v := getattr(profile, k)) is not None},
     }

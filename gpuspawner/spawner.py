@@ -3,9 +3,12 @@
 One spawn (:meth:`GPUSpawner.start`) goes: record (``recorder``) → plan (``plan``, from the
 user's profile) → allocate (``gpus``, deciding with ``allocation``) → resolve the image
 (``pulls``, ``facts``) → create and start (DockerSpawner, with ``labels`` and ``injection``
-checking the request) → flush the record. Its settings are the traits of
-:class:`gpuspawner.traits.GPUSpawnerConfig`; what all servers of the hub share is
-``hubwide.resources``; the hub's start-up check and reconciliation are in ``upkeep``.
+checking the request) → flush the record. Its bases hold the rest: its settings
+(:class:`gpuspawner.traits.GPUSpawnerConfig`), the one path to the Docker engine
+(:class:`gpuspawner.dockerpath.DockerPath`) and what the user chooses, the profiles and the spawn
+form (:class:`gpuspawner.choice.UserChoice`). What all servers of the hub share is
+``hubwide.resources``; the hub's start-up check and reconciliation are in ``upkeep``, its time
+limits in ``reclaim``.
 
 Under one lock per hub process, a spawn rebuilds the claim table from this hub's running
 containers, reads the inventory, chooses devices and notes a pending claim; the container is
@@ -23,29 +26,28 @@ Override points, for admins who subclass GPUSpawner:
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import time
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from dataclasses import asdict, replace
+from typing import Any
 
-from jupyterhub.utils import maybe_future
 from tornado import web
 from traitlets import default
 
-from . import audit, images, injection, labels, reconcile, seams, settings, userinput
+from . import audit, images, injection, labels, reconcile, seams, userinput
 from ._version import __version__
-from .allocation import Holder, quota_for
+from .allocation import quota_for
+from .choice import UserChoice
 from .cleanup import remove_spawned_container
-from .devices import Inventory
-from .dockerpath import DockerPath
 from .facts import device_facts, resolved_image
-from .form import form_entries, render_form
-from .gpus import Ask, NoDevices, claim_devices, engine_claims
+from .gpus import Ask, NoDevices, claim_devices
 from .hubconfig import hub_db_url, stored_hub_id
 from .hubwide import resources
-from .nvml import NVMLInventory, NVMLTimeout
+from .limits import Limits
 from .plan import Configured, SpawnPlan, spawn_plan
-from .profiles import OptionsError, Profile, allowed_profiles, choose_profile, parse_profiles
-from .profiles import options_from_form as profile_from_form
+from .profiles import OptionsError, choose_profile
 from .progress import ProgressLog
 from .pulls import ImageMissing, pulled_image_info
 from .reconcile import Ending
@@ -53,7 +55,7 @@ from .recorder import SpawnRecorder, close_record, error_text
 from .store import AsyncAuditStore
 
 
-class GPUSpawner(DockerPath):
+class GPUSpawner(UserChoice):
     """A DockerSpawner that gives each server GPUs that are really free, by UUID.
 
     Every container is labelled with this hub's identity, the user, the server and the
@@ -81,6 +83,10 @@ class GPUSpawner(DockerPath):
 
     audit_record_id: str = ""  # the audit record of the server's spawn, kept in the state while it runs
     profile_slug: str = ""  # the profile this server was started with, kept in the spawner's state
+    limits: Limits = Limits()  # when the hub stops this server (gpuspawner.limits), kept in the state
+    started_at: float = 0.0  # when its container started (seconds since the epoch), kept in the state
+    limit_notice: str = ""  # the warning its user sees before a time limit stops it
+    stop_reason: str = ""  # why the hub is stopping it (a time limit), for its record
 
     @default("hub_id")
     def _default_hub_id(self) -> str:  # written on the hub's first start, read once per hub process
@@ -88,26 +94,7 @@ class GPUSpawner(DockerPath):
             resources.hub_id = stored_hub_id(hub_db_url(), create=True)
         return resources.hub_id
 
-    @default("options_from_form")
-    def _default_options_from_form(self) -> Any:
-        """The chosen profile from the spawn form; DockerSpawner's image choice without profiles."""
-        choose_image = super()._default_options_from_form()
-
-        def options_from_form(formdata: dict[str, list[str]]) -> dict[str, Any]:
-            if not self.profiles:
-                return dict(choose_image(formdata))
-            try:
-                return profile_from_form(formdata)
-            except OptionsError as e:
-                raise web.HTTPError(e.status, e.message) from None
-
-        return options_from_form
-
     # --- Identity, labels, state and environment ------------------------------------------
-
-    @property
-    def holder(self) -> Holder:
-        return Holder(user=self.user.name, server=self.name or "")
 
     def container_labels(self) -> dict[str, str]:
         """The labels for this server's container (override point; call super() and add)."""
@@ -115,11 +102,13 @@ class GPUSpawner(DockerPath):
             labels.ServerIdentity(hub_id=self.hub_id, user=self.user.name, server=self.name or ""),
             version=__version__, devices=self.gpu_devices, profile=self.profile_slug,
             record=self.audit_record_id, settings=self._settings_hash,
+            limits=json.dumps(asdict(self.limits), sort_keys=True) if self.limits.any else "",
         )
 
     def get_state(self) -> dict[str, Any]:
         state: dict[str, Any] = super().get_state()
-        kept = {"gpu_devices": list(self.gpu_devices), "profile": self.profile_slug, "audit_record_id": self.audit_record_id}
+        kept = {"gpu_devices": list(self.gpu_devices), "profile": self.profile_slug, "audit_record_id": self.audit_record_id,
+                "limits": asdict(self.limits) if self.limits.any else None, "started": self.started_at}
         state.update((k, v) for k, v in kept.items() if v)
         return state
 
@@ -128,11 +117,14 @@ class GPUSpawner(DockerPath):
         self.gpu_devices = tuple(state.get("gpu_devices", ()))
         self.profile_slug = state.get("profile", "")
         self.audit_record_id = state.get("audit_record_id", "")
+        self.limits = Limits(**state["limits"]) if state.get("limits") else Limits()
+        self.started_at = float(state.get("started") or 0)
 
     def clear_state(self) -> None:
         """The server stopped: forget its devices, profile and record, and put back the values its plan replaced."""
         super().clear_state()
         self.gpu_devices, self.profile_slug, self.audit_record_id = (), "", ""
+        self.limits, self.started_at, self.limit_notice = Limits(), 0.0, ""
         self._restore_configured()
 
     def get_env(self) -> dict[str, str]:
@@ -142,47 +134,8 @@ class GPUSpawner(DockerPath):
         env.update(injection.gpu_environment(self.gpu_devices))
         return env
 
-    # --- The hub's NVML reader and audit store --------------------------------------------------
-
-    def nvml_reader(self) -> NVMLInventory:
-        return resources.inventory(self.nvml_cache_seconds, self.nvml_timeout)
-
     def audit_store(self) -> AsyncAuditStore:
         return resources.audit(self.audit_db_url, key_file=self.audit_key_file, head_file=self.audit_head_file)
-
-    # --- Profiles and the spawn form -----------------------------------------------------------
-
-    async def resolved_profiles(self) -> tuple[Profile, ...]:
-        """The configured profiles, calling the callable form; a bad result is the hub's fault (500)."""
-        value = self.profiles
-        if callable(value):
-            value = await maybe_future(value(self))
-        try:
-            return parse_profiles(value, where=f"{type(self).__name__}.profiles", pinning=cast(images.Pinning, self.image_pinning))
-        except settings.ConfigError as e:
-            self.log.error("Bad profiles for %s: %s", self._log_name, e)
-            raise web.HTTPError(500, f"The hub's profiles are misconfigured; tell an admin. ({e})") from None
-
-    async def get_options_form(self) -> str:
-        """The profile chooser with live availability; DockerSpawner's form without profiles."""
-        configured = await self.resolved_profiles()
-        if not configured:
-            form: str = await super().get_options_form()
-            return form
-        mine = allowed_profiles(configured, user=self.user.name, groups=[g.name for g in self.user.groups])
-        inventory, claims = Inventory(), {}
-        if any(p.gpus.wants_gpu for p in mine):
-            try:
-                inventory = await self.nvml_reader().get()
-            except NVMLTimeout as e:  # the form says so; CPU-only profiles still start
-                inventory = Inventory(problem=str(e))
-            claims = resources.book.merged(await engine_claims(self.docker, self.hub_id, inventory, max_age=self.nvml_cache_seconds))
-        waiting = self.gpu_wait_timeout > 0
-        entries = form_entries(
-            mine, inventory, claims, holder=self.holder, busy_memory_threshold=self.busy_memory_threshold,
-            waiting=waiting, last_choice=(self.user_options or {}).get("profile"),
-        )
-        return render_form(entries, waiting=waiting, template_file=self.profile_form_template)
 
     # --- One spawn ------------------------------------------------------------------------------
 
@@ -237,6 +190,7 @@ class GPUSpawner(DockerPath):
         )
         # Set before the insert, so the hub's reconciliation never takes the new record for a lost one.
         self.audit_record_id = self._attempt = record.id
+        resources.last_stops.pop((self.user.name, self.name or ""), None)  # a new start: the old notice goes
         self._spawning = True
         try:
             await self.recorder.begin(record)
@@ -262,9 +216,12 @@ class GPUSpawner(DockerPath):
         image, mem_limit, cpu_limit = self._configured or (self.image, self.mem_limit, self.cpu_limit)
         plan = spawn_plan(profile, Configured(
             image=image, mem_limit=mem_limit, cpu_limit=cpu_limit, environment=self.environment or {},
-            gpu_request=self.gpu_request,
+            gpu_request=self.gpu_request, limits=Limits(
+                max_runtime=self.max_runtime, idle_timeout=self.gpu_idle_timeout,
+                idle_threshold=self.gpu_idle_threshold, warn_before=self.limit_warning_seconds,
+            ),
         ), image_option=await self._allowed_image_option(image_option) if image_option else None)
-        self._plan, self.profile_slug = plan, plan.profile_slug
+        self._plan, self.profile_slug, self.limits, self.limit_notice = plan, plan.profile_slug, plan.limits, ""
         self.recorder.note_request(
             self.audit_record_id, profile=plan.profile_slug or None, profile_hash=plan.profile_hash,
             image_requested=plan.image, cpu_limit=plan.cpu_limit, mem_limit=plan.mem_limit or None,
@@ -280,6 +237,7 @@ class GPUSpawner(DockerPath):
         self.progress_log.say(f"Looking for {plan.gpus.describe()}")
         ask = Ask(
             request=plan.gpus, holder=self.holder, record_id=self.audit_record_id, admin=bool(self.user.admin),
+            profile=plan.profile_slug,
             quota=quota_for([g.name for g in self.user.groups], default=self.max_gpus_per_user,
                             per_group=self.max_gpus_per_group),
             busy_memory_threshold=self.busy_memory_threshold,
@@ -320,6 +278,7 @@ class GPUSpawner(DockerPath):
         await self._replace_kept_container_if_changed()
         self._apply_plan(plan)
         result = await super().start()
+        self.started_at = time.time()  # its time limit counts from here
         resources.book.release(self.audit_record_id)  # it runs: its labels hold the devices from now on
         resources.containers_changed()
         return result
@@ -338,25 +297,6 @@ class GPUSpawner(DockerPath):
 
     async def pull_image(self, image: str) -> None:
         """Nothing: :meth:`start` has pulled and inspected the image as ``pull_policy`` says."""
-
-    async def check_allowed(self, image: str) -> str:
-        """DockerSpawner's check of a user's ``image`` option; within a spawn, the image it resolved."""
-        if self.spawn_image is not None:
-            return self.spawn_image
-        allowed: str = await super().check_allowed(image)
-        return allowed
-
-    async def _allowed_image_option(self, image: Any) -> str:
-        """DockerSpawner's check of a user's ``image`` option, quoting only a prefix of a refused name."""
-        if not isinstance(image, str):
-            raise web.HTTPError(400, f"'image' is {userinput.quote(image)}; it must be the name of an allowed image.")
-        try:
-            return await self.check_allowed(image)
-        except web.HTTPError as e:
-            head = f"Image {image} "
-            if e.log_message and e.log_message.startswith(head):
-                raise web.HTTPError(e.status_code, f"Image {userinput.quote(image)} {e.log_message[len(head):]}") from None
-            raise
 
     async def _replace_kept_container_if_changed(self) -> None:
         """Deal with a container this server already has before this spawn makes its own.
@@ -399,6 +339,7 @@ class GPUSpawner(DockerPath):
         )
         if gone:
             resources.book.release(record_id)
+            resources.containers_changed()
         else:  # the engine could not say: keep the devices until the hub's reconciliation can
             resources.book.keep_unconfirmed(record_id)
         if self._attempt == record_id:  # no later spawn of this server has begun meanwhile
@@ -437,9 +378,10 @@ class GPUSpawner(DockerPath):
         return f"ExitCode={state.get('ExitCode')}, Error='{state.get('Error')}', FinishedAt={state.get('FinishedAt')}"
 
     async def stop(self, now: bool = False) -> None:
-        """Stop the container; its records (as for :meth:`poll`) say whether the server had ever answered.
-        A failing spawn closes its own record."""
+        """Stop the container; its records (as for :meth:`poll`) say whether the server had ever answered,
+        or why the hub stopped it (a time limit). A failing spawn closes its own record."""
         never_answered = bool(getattr(self, "_waiting_for_response", False))
+        reason, self.stop_reason = self.stop_reason, ""
         container = None if self._spawning else await self.get_object()
         await super().stop(now=now)
         resources.containers_changed()
@@ -448,6 +390,8 @@ class GPUSpawner(DockerPath):
         for record_id in _records(self.audit_record_id, container):
             ending = await self.recorder.stopped(record_id, never_answered=never_answered, started_here=self._started_here,
                                                  http_timeout=self.http_timeout)
+            if reason and ending.outcome == "stopped":
+                ending = replace(ending, error=reason)
             await self.recorder.finish(record_id, ending.with_container(container))
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:

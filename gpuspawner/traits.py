@@ -35,6 +35,7 @@ from . import audit, settings, userinput
 from .allocation import GPURequest
 from .hubconfig import default_audit_db_url, default_audit_head_file, default_audit_key_file, hub_db_url, stored_hub_id
 from .images import Pinning
+from .limits import parse_duration, parse_percent
 from .profiles import parse_profiles
 
 
@@ -61,6 +62,17 @@ class GPURequestTrait(TraitType[GPURequest, Any]):
             return value
         request: GPURequest = checked(settings.parse_gpu_request, obj, str(self.name), value)
         return request
+
+
+class Duration(TraitType[float | None, Any]):
+    """A duration: "8h", "90m", "1h30m", "2d" or seconds; ``None`` or 0 for none."""
+
+    info_text = "a duration such as '8h' or '90m', or a number of seconds"
+    allow_none = True
+
+    def validate(self, obj: Any, value: Any) -> float | None:
+        seconds: float | None = checked(parse_duration, obj, str(self.name), value)
+        return seconds
 
 
 class Bytes(ByteSpecification):  # type: ignore[misc]  # jupyterhub ships no type hints
@@ -142,9 +154,11 @@ class GPUSpawnerConfig(LoggingConfigurable):
     gpu_wait_timeout = Float(
         0,
         help="""
-        Seconds a spawn waits for devices to free up when none fit, with progress messages
-        while it waits. ``0`` (the default) fails at once with the reason, as an HTTP 503.
-        Waiting never outlasts ``Spawner.start_timeout``. Example: ``c.GPUSpawner.gpu_wait_timeout = 300``.
+        Seconds a spawn waits in the hub's GPU queue for devices to free up when none fit. Waiters
+        are served first come, first served, and none is overtaken for the devices it waits for
+        (see the README's "Waiting in line for a GPU"); the progress page says the place in line.
+        ``0`` (the default) fails at once with the reason, as an HTTP 503. Waiting never outlasts
+        ``Spawner.start_timeout``. Example: ``c.GPUSpawner.gpu_wait_timeout = 300``.
         """,
     ).tag(config=True)
 
@@ -166,6 +180,55 @@ class GPUSpawnerConfig(LoggingConfigurable):
         busy outside the hub and not handed out (a GPU with compute processes always is).
         A size such as ``"1G"`` or ``"512M"`` (binary units) or a number of bytes.
         Example: ``c.GPUSpawner.busy_memory_threshold = "256M"``.
+        """,
+    ).tag(config=True)
+
+    max_runtime = Duration(
+        None,
+        help="""
+        How long a server with GPUs may run: it is stopped that long after it started, through the
+        normal stop path (its record says why, its GPUs go to the next in line), with a warning
+        ``limit_warning_seconds`` ahead on the hub's home page. A duration such as ``"8h"`` or
+        ``"90m"``, or seconds. ``None`` (the default): no limit. A profile's own ``max_runtime``
+        wins, and holds for any server of that profile.
+        Example: ``c.GPUSpawner.max_runtime = "12h"``.
+        """,
+    ).tag(config=True)
+
+    gpu_idle_timeout = Duration(
+        None,
+        help="""
+        Stop a server with GPUs once every one of its GPUs has stayed under ``gpu_idle_threshold``
+        percent utilisation for this long, as the hub's samples (every ``gpu_sample_seconds``) saw
+        them, whatever the notebook's own activity. A warning comes first, as for ``max_runtime``.
+        MIG devices report no utilisation through NVML: a server holding one is never stopped as
+        idle. ``None`` (the default): never. A profile's own ``gpu_idle_timeout`` wins.
+        Example: ``c.GPUSpawner.gpu_idle_timeout = "2h"``.
+        """,
+    ).tag(config=True)
+
+    gpu_idle_threshold = Float(
+        5.0,
+        help="""
+        The utilisation, in percent, under which a GPU counts as idle for ``gpu_idle_timeout``.
+        A profile's own ``gpu_idle_threshold`` wins. Example: ``c.GPUSpawner.gpu_idle_threshold = 10``.
+        """,
+    ).tag(config=True)
+
+    gpu_sample_seconds = Float(
+        60.0,
+        help="""
+        Seconds between the hub's checks of its servers' time limits: each check reads every GPU's
+        utilisation through NVML (in a thread, off the hub's event loop) and stops the servers past
+        their limits. Only runs where a time limit is set. Example: ``c.GPUSpawner.gpu_sample_seconds = 30``.
+        """,
+    ).tag(config=True)
+
+    limit_warning_seconds = Float(
+        600.0,
+        help="""
+        How long before a time limit stops a server its user is warned, on the hub's home page and
+        in the log. Example: ``c.GPUSpawner.limit_warning_seconds = 1800``.
         """,
     ).tag(config=True)
 
@@ -370,11 +433,22 @@ class GPUSpawnerConfig(LoggingConfigurable):
     def _default_audit_head_file(self) -> str:
         return default_audit_head_file(self.audit_key_file)
 
+    @validate("gpu_sample_seconds")
+    def _check_sample_seconds(self, proposal: Any) -> float:
+        seconds = float(checked(settings.parse_seconds, self, proposal.trait.name, proposal.value))
+        if seconds < 1:
+            raise TraitError(f"{where(self, proposal.trait.name)} is {proposal.value!r}; allowed: 1 second or more.")
+        return seconds
+
     @validate("docker_threads", "pull_threads")
     def _check_threads(self, proposal: Any) -> int:
         return int(checked(settings.parse_threads, self, proposal.trait.name, proposal.value))
 
-    @validate("gpu_wait_timeout", "nvml_cache_seconds", "nvml_timeout", "reconcile_interval")
+    @validate("gpu_idle_threshold")
+    def _check_percent(self, proposal: Any) -> float:
+        return float(checked(parse_percent, self, proposal.trait.name, proposal.value))
+
+    @validate("gpu_wait_timeout", "nvml_cache_seconds", "nvml_timeout", "reconcile_interval", "limit_warning_seconds")
     def _check_seconds(self, proposal: Any) -> float:
         return float(checked(settings.parse_seconds, self, proposal.trait.name, proposal.value))
 

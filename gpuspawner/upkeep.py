@@ -19,6 +19,7 @@ from traitlets.config import Config
 
 from . import labels, reconcile, seams, settings
 from .hubwide import resources
+from .reclaim import keep_time
 from .recorder import close_record
 from .spawner import GPUSpawner
 from .store import AuditStoreError
@@ -86,6 +87,7 @@ async def maintain(app: Any, caretaker: GPUSpawner) -> None:
     if started is not None:
         await started  # the servers JupyterHub resumes are known only once it has started
     caretaker.hub = getattr(app, "hub", None)  # known once the hub has started
+    resources.keep(keep_time(caretaker, app.log))  # the servers' time limits (gpuspawner.reclaim)
     while True:
         try:
             await reconcile_once(caretaker, app.log)

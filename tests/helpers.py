@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from testbed import DockerBed, require_docker
 from testbed.hub import BIN, RunningHub
@@ -67,6 +68,17 @@ def gpus_cli(hub: RunningHub, *, json_out: bool = True) -> Any:
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout) if json_out else out.stdout
+
+
+def login(hub: RunningHub, user: str, *, then: str | None = None) -> requests.Session:
+    """A browser-like session logged in through the hub's login form (dummy authenticator). `then`: the
+    page the login goes on to (``/hub/home`` starts no server), else JupyterHub's default (which may)."""
+    s = requests.Session()
+    s.get(f"{hub.url}/hub/login", timeout=30)
+    r = s.post(f"{hub.url}/hub/login", params={"next": then} if then else None,
+               data={"username": user, "password": "x", "_xsrf": s.cookies.get("_xsrf")}, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    return s
 
 
 # --- Images of the test bed (the fixtures and the benchmarks build them alike) ----------------------

@@ -1,6 +1,7 @@
 """A researcher's login, in a real browser (Debian's Chromium driven by Selenium), against a real hub.
 
-The screenshot of the profile form is saved to test-output/spawn-form.png.
+The screenshots (the profile form, the place in the GPU queue, the time-limit warning) are saved to
+test-output/; docs/ holds the copies the README shows.
 """
 
 from __future__ import annotations
@@ -123,3 +124,60 @@ c.Spawner.default_url = "/lab"
 
     record = docker_bed.hook_record(container_of(docker_bed, hub, "ada")["Id"])
     assert record["devices"] == [simnvml.gpu(0)["uuid"]]
+
+
+def browser_login(driver: object, hub: RunningHub, user: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{hub.url}/hub/logout")  # type: ignore[attr-defined]
+    driver.get(f"{hub.url}/hub/login")  # type: ignore[attr-defined]
+    driver.find_element(By.ID, "username_input").send_keys(user)  # type: ignore[attr-defined]
+    driver.find_element(By.ID, "password_input").send_keys("any")  # type: ignore[attr-defined]
+    driver.find_element(By.ID, "login_submit").click()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while "/hub/login" in driver.current_url and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.2)
+
+
+def test_the_progress_page_shows_the_place_in_line_and_the_home_page_warns_before_a_time_limit(
+    start_hub: Callable[..., RunningHub], tmp_path: Path, browser: object
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    spec = simnvml.write_spec(tmp_path / "gpus.json", [simnvml.gpu(0)])  # one GPU, at 0 %
+    hub = start_hub(extra=sim_config(spec, """
+from gpuspawner.reclaim import HUB_TEMPLATES, page_notices
+c.JupyterHub.template_paths = [HUB_TEMPLATES]
+c.JupyterHub.template_vars = {"gpuspawner_notices": page_notices}
+c.GPUSpawner.gpu_request = 1
+c.GPUSpawner.gpu_wait_timeout = 300
+c.Spawner.start_timeout = 300
+c.GPUSpawner.gpu_sample_seconds = 1
+c.GPUSpawner.gpu_idle_timeout = "2h"
+c.GPUSpawner.limit_warning_seconds = 3 * 3600  # so the warning shows at once
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+"""))
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    assert hub.spawn("bob").status_code == 202  # ada holds the only GPU: bob waits in line
+
+    browser_login(driver, hub, "bob")
+    driver.get(f"{hub.url}/hub/spawn-pending/bob")
+    log, deadline = "", time.monotonic() + 60
+    while "1st in line" not in log and time.monotonic() < deadline:
+        log = driver.find_element(By.ID, "progress-log").get_attribute("textContent") or ""
+        time.sleep(0.3)
+    assert "Waiting for 1 × any GPU: 1st in line" in log, log
+    OUTPUT.mkdir(exist_ok=True)
+    driver.save_screenshot(str(OUTPUT / "queue-position.png"))
+
+    browser_login(driver, hub, "ada")
+    notice, deadline = "", time.monotonic() + 60
+    while not notice and time.monotonic() < deadline:
+        driver.get(f"{hub.url}/hub/home")
+        found = driver.find_elements(By.CSS_SELECTOR, "[data-gpuspawner-notice=warning]")
+        notice = found[0].text if found else ""
+        time.sleep(0.5)
+    assert notice.startswith("Your server: This server stops in 2 h: its GPU has been idle (under 5 %)"), notice
+    driver.save_screenshot(str(OUTPUT / "home-warning.png"))

@@ -17,7 +17,7 @@ import requests
 import simnvml
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore
-from helpers import container_of, sim_config
+from helpers import container_of, login, sim_config
 from testbed import DockerBed, Registry, free_port, wait_for
 from testbed.hub import BIN, RunningHub
 
@@ -231,15 +231,6 @@ def test_exports_show_and_reproduce(start_hub: Callable[..., RunningHub], single
     assert shown["id"] == record_id and shown["profile"] == "gpu"
     missing = gpuspawner_cli(hub, "audit", "show", "no-such-record")
     assert missing.returncode == 1 and missing.stderr.strip() == "gpuspawner audit: no audit record no-such-record"
-
-
-def login(hub: RunningHub, user: str) -> requests.Session:
-    """A browser-like session logged in through the hub's login form (dummy authenticator)."""
-    s = requests.Session()
-    s.get(f"{hub.url}/hub/login", timeout=30)
-    r = s.post(f"{hub.url}/hub/login", data={"username": user, "password": "x", "_xsrf": s.cookies.get("_xsrf")}, timeout=60)
-    assert r.status_code == 200, r.text[:300]
-    return s
 
 
 def test_the_audit_service_answers_admins_with_csv_and_others_with_403(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpuspawner.allocation import Holder
+from gpuspawner.allocation import GPURequest, Holder
 from gpuspawner.devices import Device, GiB, Inventory
 from gpuspawner.form import TEMPLATES, form_entries, render_form, template_environment
 from gpuspawner.profiles import Profile, parse_profiles
@@ -167,3 +167,19 @@ def test_each_template_folder_has_one_environment_kept_between_forms(tmp_path: P
     assert template_environment(TEMPLATES) is template_environment(TEMPLATES)
     assert template_environment(tmp_path) is not template_environment(TEMPLATES)
     assert template_environment(TEMPLATES).autoescape is True
+
+
+# --- The GPU queue --------------------------------------------------------------------------------
+
+
+def test_a_profile_shows_how_many_wait_ahead_and_is_not_startable_past_them() -> None:
+    queued = {GPURequest(count=1): 2}  # two spawns wait for one GPU, though GPU-0 looks free (kept for them)
+    mine = profiles("gpu", "cpu")
+    gpu, cpu = form_entries(mine, ONE_GPU, FREE, holder=ME, busy_memory_threshold=GiB, waiting=True,
+                            last_choice=None, queued=queued)
+    assert (gpu["queued"], gpu["startable"], gpu["selectable"]) == (2, False, True)
+    assert (cpu["queued"], cpu["startable"]) == (0, True)
+    html = render_form([gpu, cpu], waiting=True)
+    assert 'data-queued="gpu">2 waiting ahead</span>' in html and 'data-queued="cpu"' not in html
+    alone = form_entries(mine, ONE_GPU, FREE, holder=ME, busy_memory_threshold=GiB, waiting=False, last_choice=None)
+    assert (alone[0]["queued"], alone[0]["startable"]) == (0, True)

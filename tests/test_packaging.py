@@ -50,4 +50,5 @@ def test_wheel_declares_runtime_requirements_and_entry_point(tmp_path: Path) -> 
     assert "pynvml" not in runtime
     assert "[jupyterhub.spawners]\ngpu = gpuspawner:GPUSpawner" in eps
     assert not any(n.startswith("tests/") for n in names)
-    assert {"gpuspawner/templates/profiles.html", "gpuspawner/templates/audit.html"} <= set(names)
+    assert {"gpuspawner/templates/profiles.html", "gpuspawner/templates/audit.html",
+            "gpuspawner/templates/hub/home.html"} <= set(names)

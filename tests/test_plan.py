@@ -8,6 +8,7 @@ import pytest
 
 from gpuspawner.allocation import GPURequest
 from gpuspawner.devices import GiB
+from gpuspawner.limits import Limits
 from gpuspawner.plan import Configured, SpawnPlan, spawn_plan
 from gpuspawner.profiles import parse_profiles
 
@@ -73,3 +74,19 @@ def test_a_kept_container_is_reused_only_for_the_same_settings() -> None:
 def test_the_recorded_environment_keeps_no_secret() -> None:
     plan = spawn_plan(None, configured(environment={"HF_TOKEN": "hf_x", "LAB_LICENSE": "1234@lic", "LANG": "C"}))
     assert plan.recorded_environment(["LAB_*"]) == {"HF_TOKEN": "<redacted>", "LAB_LICENSE": "<redacted>", "LANG": "C"}
+
+
+def test_time_limits_hold_for_gpu_servers_and_a_profiles_own_win() -> None:
+    hub_wide = Limits(max_runtime=8 * 3600, idle_timeout=7200, idle_threshold=5, warn_before=300)
+    timed = parse_profiles([
+        {"slug": "timed", "display_name": "T", "image": "lab/pytorch:2024.10", "gpus": 1, "max_runtime": "2h",
+         "gpu_idle_threshold": 10},
+        {"slug": "cpu-timed", "display_name": "C", "image": "lab/notebook:2024.10", "max_runtime": "1h"},
+    ])
+    assert spawn_plan(A100, configured(limits=hub_wide)).limits == hub_wide  # a GPU profile without its own
+    assert spawn_plan(timed[0], configured(limits=hub_wide)).limits == Limits(
+        max_runtime=7200, idle_timeout=7200, idle_threshold=10, warn_before=300)
+    assert spawn_plan(BARE, configured(limits=hub_wide)).limits == Limits(warn_before=300)  # CPU only: none
+    assert spawn_plan(timed[1], configured(limits=hub_wide)).limits == Limits(max_runtime=3600, warn_before=300)
+    assert spawn_plan(None, configured(limits=hub_wide)).limits == Limits()  # gpu_request 0
+    assert spawn_plan(None, configured(limits=hub_wide, gpu_request=GPURequest(count=1))).limits == hub_wide

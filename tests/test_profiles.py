@@ -48,10 +48,13 @@ def test_a_full_profile_parses() -> None:
         ([{**CPU, "environment": {"N": 1}}], "GPUSpawner.profiles[0] (slug 'cpu'): 'environment' is {'N': 1}; allowed: a dict of text to text."),
         ([{**CPU, "default": True}, A100], "GPUSpawner.profiles: profiles 'cpu', 'a100-1' are all marked default; mark one."),
         ({"slug": "cpu"}, "GPUSpawner.profiles is {'slug': 'cpu'}; allowed: a list of profile dicts"),
+        ([{**CPU, "max_runtime": "8 hours"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'max_runtime' is '8 hours'; allowed: a duration such as '8h'"),
+        ([{**CPU, "gpu_idle_timeout": -1}], "GPUSpawner.profiles[0] (slug 'cpu'): 'gpu_idle_timeout' is -1; allowed: a duration"),
+        ([{**CPU, "gpu_idle_threshold": 150}], "GPUSpawner.profiles[0] (slug 'cpu'): 'gpu_idle_threshold' is 150; allowed: a percentage from 0 to 100"),
     ],
     ids=["unknown-key", "kubespawner-override", "duplicate-slug", "missing-image", "untagged-image", "latest-image",
          "invalid-image", "negative-gpus", "mig-with-count", "zero-cpus", "bad-slug", "groups-not-a-list",
-         "env-not-text", "two-defaults", "not-a-list"],
+         "env-not-text", "two-defaults", "not-a-list", "bad-runtime", "negative-idle-timeout", "threshold-over-100"],
 )
 def test_bad_profiles_are_refused_naming_profile_key_value_and_what_is_allowed(profiles: object, message: str) -> None:
     with pytest.raises(ConfigError) as e:
