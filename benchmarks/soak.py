@@ -1,6 +1,6 @@
 """Soak: one hub under concurrent users, crashes and a lost GPU, checked against the engine's event log.
 
-    .venv/bin/python benchmarks/soak.py [--duration 600] [--seed 1] [--max-operations 5000] [--keep]
+    .venv/bin/python benchmarks/soak.py [--duration 600] [--seed 1] [--max-operations 5000] [--gpu-wait 0] [--keep]
 
 Needs the test bed (``tests/testbed/testbed.sh start``, or any ``make test`` run) and the light
 image, which it builds if missing. Not part of ``make test``: ``tests/test_soak.py`` runs a
@@ -11,6 +11,7 @@ users spawn random profiles (CPU, 1 GPU, 2 GPUs, a MIG slice), some with bad opt
 their servers and interrupt their own spawns, while the hub is SIGKILLed mid-spawn and started
 again, containers are killed behind its back and a GPU is lost and brought back. Then every
 server is stopped through the hub and everything is checked (see ``tests/testbed/soak.py``).
+With ``--gpu-wait SECONDS`` spawns wait in the hub's GPU queue instead of being refused at once.
 
 Prints a summary table with every violation in full (container ids, users, device UUIDs,
 times) and exits 1 if there was any. All traffic stays on this host: 127.0.0.1 and the Docker
@@ -46,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chaos-every", type=float, default=defaults.chaos_every, help="mean seconds between mishaps")
     parser.add_argument("--max-hub-kills", type=int, default=defaults.max_hub_kills)
     parser.add_argument("--gpu-lost-seconds", type=float, default=defaults.gpu_lost_seconds)
+    parser.add_argument("--gpu-wait", type=float, default=0, help="seconds a spawn waits in the GPU queue (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep the hub's folder (its log, database and audit records)")
     parser.add_argument("--output", type=Path, help="also write the summary to this file")
     return parser.parse_args()
@@ -72,7 +74,7 @@ def main() -> int:
     write_gpus(spec)
     settings = HubSetup(
         workdir=work, image=image, hub_ip=bed.bridge_gateway, token=secrets.token_hex(32),
-        hub_id="soak-" + secrets.token_hex(3), debug=False, extra=hub_config(spec, image),
+        hub_id="soak-" + secrets.token_hex(3), debug=False, extra=hub_config(spec, image, gpu_wait=args.gpu_wait),
     )
     hub = RunningHub(settings)
     started = time.monotonic()

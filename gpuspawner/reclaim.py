@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .hubconfig import clocks_path, load_clocks, save_clocks
 from .hubwide import resources
 from .limits import idle_since, judge
+from .nvml import NVMLTimeout
 
 if TYPE_CHECKING:
     from .spawner import GPUSpawner
@@ -47,15 +48,23 @@ async def check_limits(caretaker: GPUSpawner, log: Any, path: Path | None = None
                if sp.limits.any and sp.started_at and sp.ready and not sp._spawning and sp.audit_record_id]
     if not servers:
         return
-    inventory = await caretaker.nvml_reader().get()
-    utilization = {d.uuid: d.utilization for d in inventory.devices}
+    try:
+        inventory = await caretaker.nvml_reader().get()
+        utilization = {d.uuid: d.utilization for d in inventory.devices}
+    except NVMLTimeout as e:  # no sample this round: the idle clocks stand still, runtime limits still hold
+        log.warning("No GPU sample for the time limits: %s", e)
+        utilization = None
     now = time.time()
-    clocks = {}
+    live = {sp.audit_record_id for sp in list(resources.spawners.values()) if sp.audit_record_id}
+    clocks = {record: since for record, since in resources.idle_clocks.items() if record in live}
     for sp in servers:
         record = sp.audit_record_id
-        idle = idle_since(resources.idle_clocks.get(record), [utilization.get(u) for u in sp.gpu_devices],
-                          threshold=sp.limits.idle_threshold, now=now)
-        if idle is not None:
+        idle = resources.idle_clocks.get(record) if utilization is None else idle_since(
+            resources.idle_clocks.get(record), [utilization.get(u) for u in sp.gpu_devices],
+            threshold=sp.limits.idle_threshold, now=now)
+        if idle is None:
+            clocks.pop(record, None)
+        else:
             clocks[record] = idle
         verdict = judge(sp.limits, started=sp.started_at, idle_from=idle, now=now)
         if verdict.action == "warn" and sp.limit_notice != verdict.reason:

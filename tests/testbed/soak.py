@@ -107,15 +107,16 @@ PROFILE_WEIGHTS = {"cpu": 3, "gpu-1": 4, "gpu-2": 2, "mig": 2}
 BAD_OPTIONS = ({"profile": "no-such-profile"}, {"profile": "cpu", "image": "evil/miner:1.0"})
 
 
-def hub_config(spec: Path, image: str) -> str:
-    """Extra hub configuration (HubSetup.extra): simulated NVML, the profiles, named servers."""
+def hub_config(spec: Path, image: str, *, gpu_wait: float = 0) -> str:
+    """Extra hub configuration (HubSetup.extra): simulated NVML, the profiles, named servers;
+    `gpu_wait` seconds in the GPU queue (0: a spawn with no free GPU is refused at once)."""
     return f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
 import simnvml
 simnvml.install({str(spec)!r})
 c.GPUSpawner.nvml_cache_seconds = 0
-c.GPUSpawner.gpu_wait_timeout = 0
+c.GPUSpawner.gpu_wait_timeout = {gpu_wait!r}
 c.GPUSpawner.profiles = {profiles(image)!r}
 c.JupyterHub.allow_named_servers = True
 # Short enough that most spawns answer 201 and a refusal (503, 400) is the request's own answer.
