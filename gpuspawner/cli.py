@@ -240,6 +240,44 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """GPU-hours by user (or server, profile, model) within a period, from the audit records, streamed."""
+    import datetime
+
+    from .store import Filters
+    from .usage import gpu_usage
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    until = min(times.parse_time(args.until), now) if args.until else now
+    since = times.parse_time(args.since) if args.since else None
+    by = [b.strip() for b in args.by.split(",") if b.strip()]
+    # a record requested before the period may still hold GPUs in it: only the end bounds the stream
+    records = _store(args).iter_records(Filters(until=args.until))
+    try:
+        rows = gpu_usage(records, by=by, since=since, until=until, now=now)
+    except ValueError as e:
+        raise CLIError(f"--by: {e}") from None
+    out = [{**dict(zip(by, r.key, strict=True)), "gpu_hours": round(r.gpu_hours, 4),
+            "device_hours": round(r.device_hours, 4), "servers": r.servers} for r in rows]
+    period = f"{since.isoformat() if since else 'the first record'} to {until.isoformat()}"
+    if args.format == "json":
+        print(json.dumps({"since": since.isoformat() if since else None, "until": until.isoformat(), "by": by,
+                          "rows": out}, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*by, "gpu_hours", "device_hours", "servers"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(out)
+    else:
+        header = [b.upper() for b in by] + ["GPU-HOURS", "DEVICE-HOURS", "SERVERS"]
+        lines = [header] + [[*r.key, f"{r.gpu_hours:.2f}", f"{r.device_hours:.2f}", str(r.servers)] for r in rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines))
+        print(f"GPU-hours {period}: {sum(r.gpu_hours for r in rows):.2f} (a MIG slice counts its share of its GPU)")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from .audit import parse_head
 
@@ -345,6 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     show = audit_sub.add_parser("show", parents=[config], help="one record, in full")
     show.add_argument("id")
     show.set_defaults(run=cmd_audit_show)
+
+    usage = sub.add_parser("usage", parents=[config], help="GPU-hours by user, server, profile or model, from the audit records")
+    usage.add_argument("--since", type=time_argument, help=f"from this time ({zones}); default: the first record")
+    usage.add_argument("--until", type=time_argument, help=f"up to this time ({zones}); default: now")
+    usage.add_argument("--by", default="user", help="what to group by: user, server, profile, model, or several joined by commas (default: user)")
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    usage.set_defaults(run=cmd_usage)
 
     reproduce = sub.add_parser("reproduce", parents=[config], help="a docker run command that recreates a record's environment")
     reproduce.add_argument("id")
