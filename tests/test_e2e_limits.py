@@ -45,15 +45,20 @@ def set_utilization(spec: Path, percent: dict[str, int], *, others: int = 0) -> 
     simnvml.write_spec(spec, gpus)
 
 
+def idle_hub(start_hub: Callable[..., RunningHub], spec: Path, *, timeout: int, warning: int) -> RunningHub:
+    """A hub with two idle GPUs (0 %) that stops servers idle for `timeout` seconds, warning `warning` before."""
+    set_utilization(spec, {})
+    return start_hub(extra=sim_config(spec, NOTICES + f"""
+c.GPUSpawner.gpu_idle_timeout = {timeout}
+c.GPUSpawner.limit_warning_seconds = {warning}
+"""))
+
+
 def test_an_idle_gpu_server_is_warned_then_stopped_and_a_busy_one_is_kept(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
     spec = tmp_path / "gpus.json"
-    set_utilization(spec, {})
-    hub = start_hub(extra=sim_config(spec, NOTICES + """
-c.GPUSpawner.gpu_idle_timeout = 20
-c.GPUSpawner.limit_warning_seconds = 17
-"""))
+    hub = idle_hub(start_hub, spec, timeout=20, warning=17)
     for user in ("ada", "bob"):
         assert hub.spawn(user).status_code in (201, 202)
         hub.wait_ready(user)
@@ -105,12 +110,7 @@ c.GPUSpawner.limit_warning_seconds = 9
 def test_the_idle_clock_survives_a_hub_kill(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
-    spec = tmp_path / "gpus.json"
-    set_utilization(spec, {})
-    hub = start_hub(extra=sim_config(spec, NOTICES + """
-c.GPUSpawner.gpu_idle_timeout = 24
-c.GPUSpawner.limit_warning_seconds = 1
-"""))
+    hub = idle_hub(start_hub, tmp_path / "gpus.json", timeout=24, warning=1)
     assert hub.spawn("ada").status_code in (201, 202)
     hub.wait_ready("ada")
     idle_from = time.time()  # its GPU is at 0 % from the start: the hub's first sample starts the clock

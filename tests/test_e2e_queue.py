@@ -28,6 +28,16 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 1}
 """
 
 
+def ada_holds_the_one_gpu(start_hub: Callable[..., RunningHub], tmp_path: Path) -> RunningHub:
+    """A hub with one GPU and a queue, ada's server holding the GPU."""
+    spec = tmp_path / "gpus.json"
+    simnvml.write_spec(spec, [simnvml.gpu(0)])
+    hub = start_hub(extra=sim_config(spec, QUEUE))
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    return hub
+
+
 def places(hub: RunningHub, user: str, *, until: str) -> list[str]:
     """The places in line `user`'s spawn announced, in order, each once: ["3rd", "2nd", "1st"]."""
     seen: list[str] = []
@@ -41,11 +51,7 @@ def places(hub: RunningHub, user: str, *, until: str) -> list[str]:
 def test_waiters_get_the_gpu_in_the_order_they_came_and_see_their_place_move(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
-    spec = tmp_path / "gpus.json"
-    simnvml.write_spec(spec, [simnvml.gpu(0)])
-    hub = start_hub(extra=sim_config(spec, QUEUE))
-    assert hub.spawn("ada").status_code in (201, 202)
-    hub.wait_ready("ada")
+    hub = ada_holds_the_one_gpu(start_hub, tmp_path)
     for user, place in (("bob", "1st"), ("cyd", "2nd"), ("dan", "3rd")):
         assert hub.spawn(user).status_code == 202
         assert places(hub, user, until=f"{place} in line") == [place]
@@ -89,11 +95,7 @@ def test_the_spawn_form_shows_how_many_wait(
 def test_a_hub_kill_drops_the_waiters_and_closes_their_records(
     start_hub: Callable[..., RunningHub], tmp_path: Path
 ) -> None:
-    spec = tmp_path / "gpus.json"
-    simnvml.write_spec(spec, [simnvml.gpu(0)])
-    hub = start_hub(extra=sim_config(spec, QUEUE))
-    assert hub.spawn("ada").status_code in (201, 202)
-    hub.wait_ready("ada")
+    hub = ada_holds_the_one_gpu(start_hub, tmp_path)
     assert hub.spawn("bob").status_code == 202
     places(hub, "bob", until="1st in line")
     hub.kill()
