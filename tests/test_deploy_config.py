@@ -294,3 +294,5 @@ def test_the_gpu_image_recipe_is_pinned_non_root_and_labelled() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert requirements and all("==" in line for line in requirements)
+    # users see their GPU at work in JupyterLab (the README's user guide says where)
+    assert any(line.startswith("jupyterlab-nvdashboard==") for line in requirements)
