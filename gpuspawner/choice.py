@@ -47,6 +47,11 @@ class UserChoice(DockerPath):
         return options_from_form
 
     @property
+    def group_names(self) -> list[str]:
+        """The JupyterHub groups of this server's user (who may use which profile, GPU quotas)."""
+        return [g.name for g in self.user.groups]
+
+    @property
     def holder(self) -> Holder:
         return Holder(user=self.user.name, server=self.name or "")
 
@@ -71,7 +76,7 @@ class UserChoice(DockerPath):
         if not configured:
             form: str = await super().get_options_form()
             return form
-        mine = allowed_profiles(configured, user=self.user.name, groups=[g.name for g in self.user.groups])
+        mine = allowed_profiles(configured, user=self.user.name, groups=self.group_names)
         inventory, claims = Inventory(), {}
         if any(p.gpus.wants_gpu for p in mine):
             try:

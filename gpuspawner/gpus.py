@@ -108,7 +108,7 @@ async def claim_devices(
                 raise NoDevices(503, str(e)) from None
             async with resources.lock:
                 claims = resources.book.merged(await engine_claims(call, hub_id, inventory))
-                # without waiting, only this spawn's answer counts, but those waiting ahead keep their turn
+                # the whole line is looked at (a spawn that may not wait too): those ahead keep their turn
                 line = list(resources.waiters.values())
                 turn = serve(line, inventory, claims, busy_memory_threshold=ask.busy_memory_threshold, explain=me.id)
                 if me.id in turn.grants:

@@ -208,7 +208,7 @@ class GPUSpawner(UserChoice):
         if configured:
             try:
                 profile = choose_profile(configured, self.user_options, user=self.user.name,
-                                         groups=[g.name for g in self.user.groups])
+                                         groups=self.group_names)
             except OptionsError as e:
                 raise web.HTTPError(e.status, e.message) from None
             self.progress_log.say(f"Profile: {profile.display_name} ({profile.resources()})")
@@ -238,7 +238,7 @@ class GPUSpawner(UserChoice):
         ask = Ask(
             request=plan.gpus, holder=self.holder, record_id=self.audit_record_id, admin=bool(self.user.admin),
             profile=plan.profile_slug,
-            quota=quota_for([g.name for g in self.user.groups], default=self.max_gpus_per_user,
+            quota=quota_for(self.group_names, default=self.max_gpus_per_user,
                             per_group=self.max_gpus_per_group),
             busy_memory_threshold=self.busy_memory_threshold,
             wait_seconds=min(self.gpu_wait_timeout, self.start_timeout),
