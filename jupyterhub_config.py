@@ -267,3 +267,9 @@ c.JupyterHub.load_roles = roles
 from gpuspawner.service import audit_service  # noqa: E402
 
 audit_service(c, config_file=__file__)
+
+# --- The GPU page: every device, who holds it, its last hour, GPU-hours this month, at /services/gpus/ ---
+# Admins and the audit's readers see it; it reads the hub's metrics with a token of its own (read:metrics).
+from gpuspawner.gpupage import gpu_page_service  # noqa: E402
+
+gpu_page_service(c, config_file=__file__)

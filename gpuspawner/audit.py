@@ -99,6 +99,11 @@ class AuditRecord:
     oom_killed: bool | None = None  # the engine's OOMKilled flag for the container
     gpuspawner_version: str | None = None
     note: str | None = None  # e.g. why the image cannot be pulled elsewhere
+    groups: tuple[str, ...] = ()  # the user's JupyterHub groups when the server was requested
+    # GPU-seconds (a MIG slice counting its share of its GPU) of the holding time during which the
+    # hub's samples saw the server's GPUs under the idle threshold; None where never sampled.
+    # Written when the server stops.
+    idle_gpu_seconds: float | None = None
     # the seal, set once the record is final
     seq: int | None = None
     prev_hash: str | None = None
@@ -126,15 +131,19 @@ def record_to_dict(record: AuditRecord) -> dict[str, Any]:
     data["environment"] = dict(record.environment)
     data["device_requests"] = [dict(r) for r in record.device_requests]
     data["devices"] = [dict(d.__dict__) for d in record.devices]
+    data["groups"] = list(record.groups)
     return data
 
 
 def record_from_dict(data: Mapping[str, Any]) -> AuditRecord:
+    """A record from :func:`record_to_dict`'s data; fields an older gpuspawner did not write take their
+    defaults. (Seals are checked against the stored text, so an older sealed record still verifies.)"""
     values = {k: data[k] for k in RECORD_FIELDS if k in data}
     values["devices"] = tuple(RecordedDevice(**d) for d in data.get("devices") or ())
     values["device_requests"] = tuple(data.get("device_requests") or ())
     values["image_labels"] = dict(data.get("image_labels") or {})
     values["environment"] = dict(data.get("environment") or {})
+    values["groups"] = tuple(data.get("groups") or ())
     return AuditRecord(**values)
 
 

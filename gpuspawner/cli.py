@@ -18,12 +18,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import labels, settings, times
 from .allocation import Holder, Status, device_status
 from .devices import Device, Inventory, format_bytes
 from .hubconfig import ConfigFileError, load_spawner_settings
+
+if TYPE_CHECKING:
+    from .usage import Usage
 
 
 class CLIError(Exception):
@@ -59,7 +62,7 @@ def limits_of_servers(containers: list[dict[str, Any]], *, hub_id: str) -> dict[
     from .hubconfig import clocks_path, load_clocks
     from .limits import held_status, limits_from_label
 
-    clocks = load_clocks(clocks_path())
+    clocks = load_clocks(clocks_path()).idle_since
     found = {}
     for c in containers:
         found_labels = c.get("Labels") or {}
@@ -241,11 +244,12 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    """GPU-hours by user (or server, profile, model) within a period, from the audit records, streamed."""
+    """GPU-hours and idle GPU-hours by user (or server, profile, model, group) within a period, from the
+    audit records, streamed."""
     import datetime
 
     from .store import Filters
-    from .usage import gpu_usage
+    from .usage import usage_report
 
     now = datetime.datetime.now(datetime.timezone.utc)
     until = min(times.parse_time(args.until), now) if args.until else now
@@ -254,28 +258,42 @@ def cmd_usage(args: argparse.Namespace) -> int:
     # a record requested before the period may still hold GPUs in it: only the end bounds the stream
     records = _store(args).iter_records(Filters(until=args.until))
     try:
-        rows = gpu_usage(records, by=by, since=since, until=until, now=now)
+        report = usage_report(records, by=by, since=since, until=until, now=now)
     except ValueError as e:
         raise CLIError(f"--by: {e}") from None
-    out = [{**dict(zip(by, r.key, strict=True)), "gpu_hours": round(r.gpu_hours, 4),
-            "device_hours": round(r.device_hours, 4), "servers": r.servers} for r in rows]
+    rows = report.rows
+    out = [{**dict(zip(by, r.key, strict=True)), **_usage_figures(r)} for r in rows]
     period = f"{since.isoformat() if since else 'the first record'} to {until.isoformat()}"
     if args.format == "json":
         print(json.dumps({"since": since.isoformat() if since else None, "until": until.isoformat(), "by": by,
-                          "rows": out}, indent=2))
+                          "rows": out, "total": _usage_figures(report.total)}, indent=2))
     elif args.format == "csv":
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=[*by, "gpu_hours", "device_hours", "servers"], lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*by, "gpu_hours", "device_hours", "servers", "idle_gpu_hours"],
+                                lineterminator="\n")
         writer.writeheader()
-        writer.writerows(out)
+        writer.writerows(out)  # an unknown idle_gpu_hours (None) is an empty cell
     else:
-        header = [b.upper() for b in by] + ["GPU-HOURS", "DEVICE-HOURS", "SERVERS"]
-        lines = [header] + [[*r.key, f"{r.gpu_hours:.2f}", f"{r.device_hours:.2f}", str(r.servers)] for r in rows]
+        header = [b.upper() for b in by] + ["GPU-HOURS", "DEVICE-HOURS", "SERVERS", "IDLE-GPU-HOURS"]
+        lines = [header] + [[*r.key, f"{r.gpu_hours:.2f}", f"{r.device_hours:.2f}", str(r.servers),
+                             "-" if r.idle_gpu_hours is None else f"{r.idle_gpu_hours:.2f}"] for r in rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines))
-        print(f"GPU-hours {period}: {sum(r.gpu_hours for r in rows):.2f} (a MIG slice counts its share of its GPU)")
+        idle = report.total.idle_gpu_hours
+        print(f"GPU-hours {period}: {report.total.gpu_hours:.2f}"
+              + (f", idle {idle:.2f}" if idle is not None else "")
+              + " (a MIG slice counts its share of its GPU"
+              + ("; a server counts in each of its groups, so the groups add up to more" if "group" in by else "")
+              + ")")
     return 0
+
+
+def _usage_figures(row: Usage) -> dict[str, Any]:
+    """A usage row's figures as the JSON and CSV outputs show them; unknown idle time stays None."""
+    idle = row.idle_gpu_hours
+    return {"gpu_hours": round(row.gpu_hours, 4), "device_hours": round(row.device_hours, 4), "servers": row.servers,
+            "idle_gpu_hours": None if idle is None else round(idle, 4)}
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -384,10 +402,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("id")
     show.set_defaults(run=cmd_audit_show)
 
-    usage = sub.add_parser("usage", parents=[config], help="GPU-hours by user, server, profile or model, from the audit records")
+    usage = sub.add_parser(
+        "usage", parents=[config],
+        help="GPU-hours and idle GPU-hours by user, server, profile, model or group, from the audit records",
+    )
     usage.add_argument("--since", type=time_argument, help=f"from this time ({zones}); default: the first record")
     usage.add_argument("--until", type=time_argument, help=f"up to this time ({zones}); default: now")
-    usage.add_argument("--by", default="user", help="what to group by: user, server, profile, model, or several joined by commas (default: user)")
+    usage.add_argument(
+        "--by", default="user",
+        help="what to group by: user, server, profile, model, group (the user's JupyterHub groups: a server counts "
+             "in each, so the groups may add up to more than the total; none: '(no group)'), or several joined by "
+             "commas (default: user)",
+    )
     usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
     usage.set_defaults(run=cmd_usage)
 

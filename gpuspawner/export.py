@@ -22,8 +22,8 @@ from .audit import AuditRecord, canonical_json, is_redacted, record_to_dict, wit
 from .images import ImageRef, ImageReferenceError, parse_image
 
 CSV_COLUMNS = (
-    "id", "seq", "hub_id", "user", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
-    "stopped_at", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",
+    "id", "seq", "hub_id", "user", "groups", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
+    "stopped_at", "idle_gpu_seconds", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",
     "container_name", "hostname", "docker_version", "driver_version", "cuda_driver_version", "devices",
     "device_models", "cpu_limit", "mem_limit", "error", "exit_code", "oom_killed", "gpuspawner_version", "profile_hash", "hash",
 )
@@ -48,7 +48,8 @@ def csv_cell(value: Any) -> Any:
 
 
 def csv_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
-    """CSV text, header first, one line per record; devices joined with spaces.
+    """CSV text, header first, one line per record; devices joined with spaces, groups with ";"
+    (a JupyterHub group name may hold a space).
 
     Text cells are quoted, numbers not (OWASP: wrap each cell in double quotes): a line break
     or carriage return inside a value then stays inside its cell.
@@ -68,6 +69,7 @@ def csv_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
         row = record_to_dict(r)
         row["devices"] = " ".join(d.uuid for d in r.devices)
         row["device_models"] = " ".join(d.model for d in r.devices)
+        row["groups"] = ";".join(r.groups)
         yield take(csv_cell(row.get(c)) for c in CSV_COLUMNS)
 
 
@@ -84,6 +86,7 @@ PROCESS_RUN_CRATE = "https://w3id.org/ro/wfrun/process/0.5"
 CRATE_CONTEXT = ["https://w3id.org/ro/crate/1.1/context", "https://w3id.org/ro/terms/workflow-run/context"]
 DOCKER_IMAGE = "https://w3id.org/ro/terms/workflow-run#DockerImage"
 BYTES = "https://qudt.org/vocab/unit/BYTE"
+SECONDS = "https://qudt.org/vocab/unit/SEC"
 FAILED = "http://schema.org/FailedActionStatus"
 _ACTION_STATUS = {
     "stopped": "http://schema.org/CompletedActionStatus",
@@ -116,7 +119,8 @@ def ro_crate_chunks(
     never pushed names no registry and says so), its ``agent`` the user, its
     ``environment`` the variables as recorded (secrets by name only), and its
     ``additionalProperty`` the facts of the run as ``PropertyValue`` entities: each GPU's
-    UUID, model and memory, the NVIDIA driver and CUDA versions, the image ID, the exit code.
+    UUID, model and memory, the NVIDIA driver and CUDA versions, the image ID, the exit code,
+    the user's JupyterHub groups and the idle GPU-seconds.
 
     Each action and its properties are written as its record is read. Images, software, users
     and hubs are written once, after the actions, so they grow with how many there are; the
@@ -323,6 +327,10 @@ def _facts(r: AuditRecord, action_id: str) -> list[dict[str, Any]]:
     fact("container-image-id", "Image ID of the container", r.container_image_id, "container_image_id")
     fact("exit-code", "Container exit code", r.exit_code, "exit_code")
     fact("oom-killed", "Killed for lack of memory", r.oom_killed, "oom_killed")
+    for i, group in enumerate(r.groups):
+        fact(f"group{i}", "JupyterHub group of the user", group, "groups")
+    fact("idle-gpu-seconds", "Idle GPU-seconds", r.idle_gpu_seconds, "idle_gpu_seconds", unitCode=SECONDS,
+         description="GPU-seconds the hub's samples saw the server's GPUs idle; a MIG slice counts its share")
     return facts
 
 

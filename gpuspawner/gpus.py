@@ -31,12 +31,14 @@ Docker = Callable[..., Awaitable[Any]]  # GPUSpawner.docker: one docker-py call 
 
 
 class NoDevices(Exception):
-    """A spawn gets no devices: `status` 403 (over quota) or 503 (none free, NVML silent)."""
+    """A spawn gets no devices: `status` 403 (over quota) or 503 (none free, NVML silent); `reason`
+    names the refusal in the metrics: over_quota, no_devices or nvml_timeout."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "no_devices") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ async def claim_devices(
             try:
                 inventory = await read_inventory()
             except NVMLTimeout as e:
-                raise NoDevices(503, str(e)) from None
+                raise NoDevices(503, str(e), "nvml_timeout") from None
             async with resources.lock:
                 claims = resources.book.merged(await engine_claims(call, hub_id, inventory))
                 # the whole line is looked at (a spawn that may not wait too): those ahead keep their turn
@@ -116,7 +118,7 @@ async def claim_devices(
                     resources.book.reserve(me.id, me.holder, grant.uuids)
                     return grant
             if me.id in turn.over_quota:
-                raise NoDevices(403, turn.over_quota[me.id])
+                raise NoDevices(403, turn.over_quota[me.id], "over_quota")
             if me.id in turn.refused:
                 raise NoDevices(503, turn.refused[me.id])
             lacking = turn.lacking or Refusal(request=ask.request)

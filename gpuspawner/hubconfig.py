@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 HUB_ID_FILE = "gpuspawner-hub-id"
 AUDIT_KEY_FILE = "gpuspawner-audit.key"
 AUDIT_HEAD_FILE = "gpuspawner-audit.head"
-CLOCKS_FILE = "gpuspawner-clocks.json"  # the servers' idle clocks (gpuspawner.reclaim), by audit record
+CLOCKS_FILE = "gpuspawner-clocks.json"  # the servers' idle clocks and idle GPU-seconds (gpuspawner.reclaim)
 
 # The configuration sections GPUSpawner reads, most general first (its class and base classes,
 # as traitlets resolves them); tests check this against GPUSpawner.mro().
@@ -175,16 +176,28 @@ def clocks_path() -> Path:
     return data_folder(hub_db_url()) / CLOCKS_FILE
 
 
-def load_clocks(path: Path) -> dict[str, float]:
-    """The idle clocks a previous hub process left (record id -> idle since, seconds since the epoch)."""
+@dataclass
+class Clocks:
+    """What the hub's sampler keeps across hub restarts, by audit record: since when each server's GPUs
+    are idle (seconds since the epoch), and the idle GPU-seconds counted so far."""
+
+    idle_since: dict[str, float] = field(default_factory=dict)
+    idle_gpu_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def load_clocks(path: Path) -> Clocks:
+    """The clocks a previous hub process left; none when the file is missing or unreadable. A file of
+    gpuspawner before idle GPU-seconds holds the idle clocks alone."""
     try:
         data = json.loads(path.read_text())
-        return {str(k): float(v) for k, v in data.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
+        if "idle_since" not in data:
+            return Clocks({str(k): float(v) for k, v in data.items()})
+        return Clocks(*({str(k): float(v) for k, v in data[part].items()} for part in ("idle_since", "idle_gpu_seconds")))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return Clocks()
 
 
-def save_clocks(path: Path, clocks: dict[str, float]) -> None:
+def save_clocks(path: Path, clocks: Clocks) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(clocks, sort_keys=True))
+    tmp.write_text(json.dumps(asdict(clocks), sort_keys=True))
     tmp.replace(path)

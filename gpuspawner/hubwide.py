@@ -19,6 +19,7 @@ from .allocation import Holder
 from .claims import ClaimBook
 from .gpuqueue import Waiter
 from .nvml import NVMLInventory
+from .readings import Readings
 from .store import AsyncAuditStore
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class HubResources:
         self.waiters: dict[str, Waiter] = {}  # the GPU queue: spawn (record id) -> what it waits for
         self.idle_clocks: dict[str, float] = {}  # record id -> since when its server's GPUs are idle (epoch)
         self.last_stops: dict[tuple[str, str], str] = {}  # (user, server) -> why the hub stopped it last
+        self.readings = Readings()  # the hub's latest sample of its GPUs and servers (gpuspawner.metrics shows it)
+        self.accounted: dict[str, float] = {}  # record id -> until when its GPU time is counted (epoch)
+        self.gpu_idle_seconds: dict[str, float] = {}  # record id -> idle GPU-seconds of its server so far
         self._queue_moved: asyncio.Event | None = None
 
     def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:

@@ -28,9 +28,14 @@ Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 async def close_record(store: AsyncAuditStore, record_id: str, log: Log, ending: Ending) -> None:
     """Give a record its final state, stopped now; a sealed one is left alone, and an unreachable
     database gets the change later (``finish_eventually``). Never raises: a user sees the refusal
-    or the stop they asked for, never a database error."""
+    or the stop they asked for, never a database error. The idle GPU-seconds the hub's samples
+    counted for its server (:mod:`gpuspawner.reclaim`) go into it too."""
+    changes = ending.changes()
+    idle = resources.gpu_idle_seconds.pop(record_id, None)
+    if idle is not None:
+        changes["idle_gpu_seconds"] = round(idle, 3)
     try:
-        await store.finish_eventually(record_id, stopped_at=seams.now_iso(), **ending.changes())
+        await store.finish_eventually(record_id, stopped_at=seams.now_iso(), **changes)
     except AuditStoreError as e:
         log.debug("Audit record %s not closed: %s", record_id, e)
     except Exception:

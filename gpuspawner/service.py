@@ -65,6 +65,11 @@ def audit_service(
         "display": True,
     })
     c.JupyterHub.services = services
+    define_reader_scope(c)
+
+
+def define_reader_scope(c: Any) -> None:
+    """Define :data:`SCOPE` among the hub's custom scopes (the services that admit its holders need it)."""
     scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
     scopes[SCOPE] = {"description": "Read gpuspawner's audit records of every server."}
     c.JupyterHub.custom_scopes = scopes

@@ -36,7 +36,7 @@ from typing import Any
 from tornado import web
 from traitlets import default
 
-from . import audit, images, injection, labels, reconcile, seams, userinput
+from . import audit, images, injection, labels, metrics, reconcile, seams, userinput
 from ._version import __version__
 from .allocation import quota_for
 from .choice import UserChoice
@@ -50,9 +50,20 @@ from .plan import Configured, SpawnPlan, spawn_plan
 from .profiles import OptionsError, choose_profile
 from .progress import ProgressLog
 from .pulls import ImageMissing, pulled_image_info
+from .reclaim import count_until_stop
 from .reconcile import Ending
 from .recorder import SpawnRecorder, close_record, error_text
 from .store import AsyncAuditStore
+
+
+class Refused(web.HTTPError):
+    """A spawn the hub refuses (no devices, over quota, a profile not theirs, bad options): an HTTP error
+    the user reads, counted by `reason` in ``gpuspawner_spawn_refusals_total``."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(status, message)
+        self.reason = reason
+        metrics.REFUSALS.labels(reason).inc()
 
 
 class GPUSpawner(UserChoice):
@@ -148,6 +159,7 @@ class GPUSpawner(UserChoice):
         """
         self.progress_log.clear()
         self._started_here = True
+        began = time.monotonic()
         record_id = await self._begin_record()
         try:
             plan = await self._plan_spawn()
@@ -158,11 +170,14 @@ class GPUSpawner(UserChoice):
         except asyncio.CancelledError as e:
             # Interrupted (the user cancelled, start_timeout): JupyterHub goes on at once; the
             # clean-up runs on, and the devices stay claimed until the container is gone.
+            self._observe_spawn(began, "failed")
             resources.keep(self._end_failed_spawn(record_id, e, container_id=self.object_id))
             raise
         except BaseException as e:
+            self._observe_spawn(began, "refused" if isinstance(e, Refused) else "failed")
             await self._end_failed_spawn(record_id, e, container_id=self.object_id)
             raise
+        self._observe_spawn(began, "started")
         self._spawning = False
         # JupyterHub's spawn future ends once the server has answered (or failed to): then the record says so.
         answered = getattr(self, "_spawn_future", None)
@@ -171,6 +186,9 @@ class GPUSpawner(UserChoice):
             timeout=self.http_timeout + 60,
         ))
         return result
+
+    def _observe_spawn(self, began: float, outcome: str) -> None:
+        metrics.SPAWN_DURATION.labels(self.profile_slug, outcome).observe(time.monotonic() - began)
 
     async def _begin_record(self) -> str:
         """Write this spawn's new record; its id. HTTP 400 for options too large to keep, before any record
@@ -183,10 +201,11 @@ class GPUSpawner(UserChoice):
             self.log.warning("Refused to start %s: its options are over %d bytes", self._log_name, self.max_user_options_bytes)
             if getattr(self, "orm_spawner", None) is not None:  # JupyterHub saved them for the next start
                 self.orm_spawner.user_options = {}
-            raise web.HTTPError(e.status, e.message) from None
+            raise Refused(e.status, e.message, "bad_options") from None
         record = audit.AuditRecord(
             id=seams.new_record_id(), hub_id=self.hub_id, user=self.user.name, server=self.name or "",
             requested_at=seams.now_iso(), hostname=socket.gethostname(), gpuspawner_version=__version__,
+            groups=tuple(sorted(self.group_names)),
         )
         # Set before the insert, so the hub's reconciliation never takes the new record for a lost one.
         self.audit_record_id = self._attempt = record.id
@@ -210,7 +229,7 @@ class GPUSpawner(UserChoice):
                 profile = choose_profile(configured, self.user_options, user=self.user.name,
                                          groups=self.group_names)
             except OptionsError as e:
-                raise web.HTTPError(e.status, e.message) from None
+                raise Refused(e.status, e.message, "forbidden_profile" if e.status == 403 else "bad_options") from None
             self.progress_log.say(f"Profile: {profile.display_name} ({profile.resources()})")
         image_option = (self.user_options or {}).get("image") if profile is None else None
         image, mem_limit, cpu_limit = self._configured or (self.image, self.mem_limit, self.cpu_limit)
@@ -247,7 +266,7 @@ class GPUSpawner(UserChoice):
             grant = await claim_devices(ask, call=self.docker, hub_id=self.hub_id, read_inventory=self.nvml_reader().get,
                                         say=self.progress_log.say, log=self.log, name=self._log_name)
         except NoDevices as e:
-            raise web.HTTPError(e.status, e.message) from None
+            raise Refused(e.status, e.message, e.reason) from None
         self.gpu_devices = grant.uuids
         self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
         self.progress_log.say("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
@@ -382,6 +401,7 @@ class GPUSpawner(UserChoice):
         or why the hub stopped it (a time limit). A failing spawn closes its own record."""
         never_answered = bool(getattr(self, "_waiting_for_response", False))
         reason, self.stop_reason = self.stop_reason, ""
+        count_until_stop(self)  # its GPU time up to now, for the metrics and its record
         container = None if self._spawning else await self.get_object()
         await super().stop(now=now)
         resources.containers_changed()

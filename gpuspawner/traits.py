@@ -218,9 +218,10 @@ class GPUSpawnerConfig(LoggingConfigurable):
     gpu_sample_seconds = Float(
         60.0,
         help="""
-        Seconds between the hub's checks of its servers' time limits: each check reads every GPU's
-        utilisation through NVML (in a thread, off the hub's event loop) and stops the servers past
-        their limits. Only runs where a time limit is set. Example: ``c.GPUSpawner.gpu_sample_seconds = 30``.
+        Seconds between the hub's samples of its GPUs: each reads every GPU's utilisation through NVML
+        (in a thread, off the hub's event loop), updates the hub's Prometheus metrics, counts each
+        server's GPU time (and idle GPU time, for its audit record) and stops the servers past their
+        time limits. Example: ``c.GPUSpawner.gpu_sample_seconds = 30``.
         """,
     ).tag(config=True)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gpuspawner"
-PURE = ["allocation.py", "audit.py", "claims.py", "devices.py", "export.py", "images.py", "injection.py", "labels.py", "profiles.py", "reconcile.py", "settings.py", "times.py", "userinput.py", "plan.py", "facts.py", "progress.py", "gpuqueue.py", "limits.py", "usage.py"]
+PURE = ["allocation.py", "audit.py", "claims.py", "devices.py", "export.py", "images.py", "injection.py", "labels.py", "profiles.py", "reconcile.py", "settings.py", "times.py", "userinput.py", "plan.py", "facts.py", "progress.py", "gpuqueue.py", "limits.py", "usage.py", "readings.py", "charts.py"]
 # Libraries that talk to the outside world. A module of the package that imports one, or that
 # imports (directly or through others) a module of the package that does, is an I/O module.
 IO_LIBRARIES = {
@@ -134,11 +134,11 @@ def test_pure_modules_pass_mypy_strict() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_commands_and_the_audit_service_load_no_docker_library() -> None:
-    # `gpuspawner audit …` and the audit page judge the hub's configuration with GPUSpawner's own
+def test_the_commands_and_the_services_load_no_docker_library() -> None:
+    # `gpuspawner audit …`, the audit page and the GPU page judge the hub's configuration with GPUSpawner's own
     # traits (gpuspawner.traits), not by loading the spawner with DockerSpawner and docker-py.
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, gpuspawner.cli, gpuspawner.service, gpuspawner.hubconfig, gpuspawner.traits;"
+        [sys.executable, "-c", "import sys, gpuspawner.cli, gpuspawner.service, gpuspawner.gpupage, gpuspawner.hubconfig, gpuspawner.traits;"
          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('docker', 'dockerspawner', 'gpuspawner')))"],
         capture_output=True, text=True, check=True,
     ).stdout

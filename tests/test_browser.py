@@ -1,21 +1,25 @@
-"""A researcher's login, in a real browser (Debian's Chromium driven by Selenium), against a real hub.
+"""A researcher's login, and an admin's GPU page, in a real browser (Debian's Chromium driven by Selenium),
+against a real hub.
 
-The screenshots (the profile form, the place in the GPU queue, the time-limit warning) are saved to
-test-output/; docs/ holds the copies the README shows.
+The screenshots (the profile form, the place in the GPU queue, the time-limit warning, the GPU page) are
+saved to test-output/; docs/ holds the copies the README shows.
 """
 
 from __future__ import annotations
 
+import datetime
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 import simnvml
-from helpers import ROOT, container_of, sim_config, unavailable
-from testbed import DockerBed
+from helpers import ROOT, container_of, login, sim_config, unavailable
+from testbed import DockerBed, free_port, wait_for
 from testbed.hub import RunningHub
 
 pytestmark = pytest.mark.docker
@@ -181,3 +185,122 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
         time.sleep(0.5)
     assert notice.startswith("Your server: This server stops in 2 h: its GPU has been idle (under 5 %)"), notice
     driver.save_screenshot(str(OUTPUT / "home-warning.png"))
+
+
+def seed_month(tmp_path: Path, *, now: datetime.datetime) -> None:
+    """Earlier servers of this month in the hub's audit store, sealed with its key, as a hub that has run a while
+    leaves them (the test hub then opens the same store, key and chain head)."""
+    from gpuspawner.audit import AuditRecord, RecordedDevice
+    from gpuspawner.store import AuditStore, load_key
+
+    store = AuditStore(f"sqlite:///{tmp_path / 'gpuspawner-audit.sqlite'}",
+                       key=load_key(tmp_path / "gpuspawner-audit.key", create=True),
+                       head_file=tmp_path / "gpuspawner-audit.head")
+    month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    span = (now - month) * 0.9  # the same shares of the month so far, whatever today is
+    a100 = [RecordedDevice(uuid=simnvml.gpu(n)["uuid"], model="NVIDIA A100-SXM4-80GB", memory_total=80 << 30) for n in (0, 1)]
+    for n, (user, share, devices) in enumerate([("lin", 1.0, a100), ("ravi", 0.45, a100[:1]), ("sam", 0.2, a100[1:])]):
+        start = (month + span * (1 - share)).isoformat()
+        record = AuditRecord(id=f"seed-{n}", hub_id="test-earlier", user=user, server="", requested_at=start,
+                             started_at=start, devices=tuple(devices), profile="a100-1", outcome="running")
+        store.insert(record)
+        store.finish(record.id, outcome="stopped", stopped_at=(month + span).isoformat())
+    store.dispose()
+
+
+def test_an_admin_sees_every_gpu_its_holder_and_the_months_usage_and_a_user_gets_403(
+    start_hub: Callable[..., RunningHub], singleuser_image: str, tmp_path: Path, browser: object
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    gpus = [
+        simnvml.gpu(0),
+        simnvml.gpu(1, memory_used=8 * 2**30, utilization=97, processes=[{"pid": 4242, "used_memory": 8 * 2**30}]),
+        simnvml.gpu(2, mig=[simnvml.mig_device(2, 0), simnvml.mig_device(2, 1)]),
+    ]
+    spec = simnvml.write_spec(tmp_path / "gpus.json", gpus)
+    seed_month(tmp_path, now=datetime.datetime.now(datetime.timezone.utc))
+    profiles = [
+        {"slug": "a100-1", "display_name": "1 × A100", "image": singleuser_image, "gpus": {"count": 1, "model": "A100"},
+         "default": True},
+        {"slug": "mig", "display_name": "MIG 1g.10gb slice", "image": singleuser_image, "gpus": {"mig_profile": "1g.10gb"}},
+    ]
+    port = free_port()
+    hub = start_hub(extra=sim_config(spec, f"""
+from gpuspawner.gpupage import gpu_page_service
+gpu_page_service(c, config_file=__file__, port={port}, sample_seconds=1, history_seconds=60)
+c.Authenticator.admin_users = {{"boss"}}
+# who reads the audit may see the GPUs: the readers' scope, and the hub's leave to open the service
+c.JupyterHub.load_roles.append({{"name": "gpu-readers", "users": ["aud"],
+                                 "scopes": ["custom:gpuspawner-audit:read", "access:services!service=gpus"]}})
+c.JupyterHub.redirect_to_server = False
+c.GPUSpawner.profiles = {profiles!r}
+c.GPUSpawner.gpu_sample_seconds = 1
+c.GPUSpawner.max_runtime = "8h"
+c.GPUSpawner.gpu_idle_timeout = "1h"
+"""))
+    assert hub.spawn("ada", options={"profile": "a100-1"}).status_code in (201, 202)
+    assert hub.spawn("cyd", options={"profile": "mig"}).status_code in (201, 202)
+    hub.wait_ready("ada")
+    hub.wait_ready("cyd")
+
+    stop = threading.Event()
+
+    def ada_trains() -> None:  # ada's GPU busy in waves, as a training run with evaluation pauses is
+        tick = 0
+        while not stop.wait(1.0):
+            tick += 1
+            gpus[0]["utilization"] = [12, 35, 78, 92, 95, 88, 60, 20, 8, 5, 30, 70][tick % 12]
+            gpus[0]["memory_used"] = 21 * 2**30
+            simnvml.write_spec(spec, gpus)
+
+    trainer = threading.Thread(target=ada_trains, daemon=True)
+    trainer.start()
+    try:
+        url = f"{hub.url}/services/gpus/"
+        wait_for(lambda: requests.get(url, timeout=5, allow_redirects=False).status_code in (302, 403), timeout=60,
+                 what="the GPU page to answer")
+        assert login(hub, "aud").get(url, timeout=60).status_code == 200  # an audit reader, not an admin
+
+        browser_login(driver, hub, "bob")
+        driver.get(url)
+        assert "403" in driver.find_element(By.TAG_NAME, "body").text
+        assert not driver.find_elements(By.ID, "gpus")
+
+        browser_login(driver, hub, "boss")
+        gpu0 = simnvml.gpu(0)["uuid"]
+
+        def row(uuid: str) -> dict[str, str] | None:
+            driver.get(url)
+            cells = driver.find_elements(By.CSS_SELECTOR, f'tr[data-uuid="{uuid}"] td')
+            return {"holder": cells[4].text, "state": cells[3].text, "uuid": cells[2].text} if cells else None
+
+        found = wait_for(lambda: (r := row(gpu0)) and r["holder"] == "ada" and r, timeout=60, interval=1,
+                         what="the GPU page to show ada holding GPU 0")
+        assert found == {"holder": "ada", "state": "held", "uuid": gpu0}
+        time.sleep(40)  # samples for the chart: ada's GPU in waves
+        driver.set_window_size(1440, 900)
+        driver.get(url)
+        states = {r.get_attribute("data-uuid"): r.find_element(By.CSS_SELECTOR, ".state").text
+                  for r in driver.find_elements(By.CSS_SELECTOR, "#gpus tbody tr")}
+        mig = [simnvml.mig_device(2, s)["uuid"] for s in (0, 1)]
+        assert states == {gpu0: "held", simnvml.gpu(1)["uuid"]: "busy", simnvml.gpu(2)["uuid"]: "MIG",
+                          mig[0]: "held", mig[1]: "free"}
+        holders = {r.get_attribute("data-uuid"): r.find_element(By.CSS_SELECTOR, ".holder").text
+                   for r in driver.find_elements(By.CSS_SELECTOR, "#gpus tbody tr")}
+        assert holders[mig[0]] == "cyd"
+        chart = driver.find_element(By.CSS_SELECTOR, f'tr[data-uuid="{gpu0}"] td.chart svg')
+        assert chart.get_attribute("role") == "img" and len(chart.find_elements(By.CSS_SELECTOR, "polyline")) >= 1
+        assert (chart.get_attribute("aria-label") or "").startswith(f"NVIDIA A100-SXM4-80GB {gpu0} utilisation over the last 1 min: now ")
+        bars = {label.get_attribute("textContent"): label for label in driver.find_elements(By.CSS_SELECTOR, "#usage svg text.label")}
+        assert {"lin", "ravi", "sam", "ada", "cyd"} <= bars.keys(), bars.keys()
+        widths = {r.find_element(By.CSS_SELECTOR, "text.label").get_attribute("textContent"):
+                  float(r.find_element(By.CSS_SELECTOR, "rect.bar").get_attribute("width") or 0)
+                  for r in driver.find_elements(By.CSS_SELECTOR, "#usage svg g.row")}
+        assert widths["ada"] >= 1 and widths["lin"] == pytest.approx(widths["ravi"] / 0.45 * 2, rel=0.02)
+        OUTPUT.mkdir(exist_ok=True)
+        driver.save_screenshot(str(OUTPUT / "gpus-page.png"))
+    finally:
+        stop.set()
+        trainer.join(timeout=5)

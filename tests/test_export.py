@@ -90,6 +90,17 @@ def test_csv_cells_a_spreadsheet_would_run_as_a_formula_start_with_a_quote(colum
     assert row[column] == "'" + payload
 
 
+def test_every_export_carries_the_users_groups_and_the_idle_gpu_seconds() -> None:
+    grouped = record(1, groups=("=ml", "vision lab"), idle_gpu_seconds=1234.5)
+    (row,) = csv_rows([grouped])
+    assert (row["groups"], row["idle_gpu_seconds"]) == ("'=ml;vision lab", "1234.5")  # a formula is defused
+    line = json.loads("".join(jsonl_lines([grouped])))
+    assert (line["groups"], line["idle_gpu_seconds"]) == (["=ml", "vision lab"], 1234.5)
+    facts = [e for e in json.loads("".join(ro_crate_chunks([grouped])))["@graph"] if e.get("@type") == "PropertyValue"]
+    assert sorted(f["value"] for f in facts if f.get("name") == "JupyterHub group of the user") == ["=ml", "vision lab"]
+    assert [f["value"] for f in facts if f.get("name") == "Idle GPU-seconds"] == [1234.5]
+
+
 def test_csv_keeps_numbers_and_harmless_text_as_they_are() -> None:
     (row,) = csv_rows([record(1, outcome="died", exit_code=-9, error="exit code -9 = SIGKILL", user="ada-lovelace")])
     # exit_code is a number gpuspawner wrote, not text anyone typed: -9 stays a number a spreadsheet can sum.

@@ -168,6 +168,45 @@ def test_export_filters_and_streams_past_one_batch(store: AuditStore) -> None:
     assert [r.id for r in window] == ["r004", "r005", "r006"]
 
 
+def test_many_records_written_in_batches_carry_opening_seals_that_verify(store_url: str, tmp_path: Path) -> None:
+    head = tmp_path / "audit.head"
+    store = AuditStore(store_url, key=KEY, head_file=head)
+    new(store, 1)
+    many = [record(n, groups=("ml", "vision") if n % 2 else (), idle_gpu_seconds=n * 60.0 if n % 3 else None)
+            for n in range(2, 12)]
+    assert store.insert_many(iter(many), batch=4) == 10
+    assert read_head(head) == ChainHead(0, GENESIS, 11)  # numbered on from the record inserted alone
+    assert [store.get(r.id) for r in many] == many  # groups and idle time read back as written
+    store.finish("r005", outcome="stopped")
+    result = store.verify()
+    assert result.ok, result.problems
+    assert (result.checked, result.open_records, result.head) == (1, 10, read_head(head))
+
+
+def test_a_record_sealed_before_groups_and_idle_time_were_recorded_still_verifies(store: AuditStore) -> None:
+    from gpuspawner import audit
+
+    old = record(1, outcome="stopped")
+    content = {k: v for k, v in old.content().items() if k not in ("groups", "idle_gpu_seconds")}
+    text = audit.canonical_json(content)
+    seal = audit.seal_digest(seq=1, prev_hash=GENESIS, content_json=text, key=KEY)
+    t = sa.table("gpuspawner_audit", *(sa.column(c) for c in (
+        "id", "seq", "hub_id", "user", "server", "profile", "outcome", "requested_at", "data", "prev_hash", "hash",
+        "opened", "open_mac")))
+    with store.engine.begin() as conn:
+        conn.execute(t.insert().values(
+            id=old.id, seq=1, hub_id=old.hub_id, user=old.user, server=old.server, profile=None, outcome="stopped",
+            requested_at=old.requested_at, data=text, prev_hash=GENESIS, hash=seal, opened=1,
+            open_mac=audit.opening_digest(key=KEY, opened=1, opening=audit.opening_json(content)),
+        ))
+    loaded = store.get(old.id)
+    assert loaded is not None and (loaded.groups, loaded.idle_gpu_seconds) == ((), None)
+    new(store, 2, groups=("ml",))
+    store.finish("r002", outcome="stopped", idle_gpu_seconds=12.5)
+    result = store.verify()
+    assert result.ok and result.checked == 2, result.problems
+
+
 def test_queued_updates_land_in_order_before_anything_submitted_after_them(store_url: str) -> None:
     async def spawn_like() -> tuple[AuditRecord, list[object]]:
         store = AsyncAuditStore(store_url, key_file=key_file(store_url))

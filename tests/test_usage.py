@@ -1,8 +1,10 @@
 """GPU-hours from the audit records, against sums worked out by hand: overlapping servers, MIG slices,
-open servers, and servers that span the period's edges."""
+open servers, servers that span the period's edges, users in several groups, and idle GPU-hours."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 from gpuspawner.audit import AuditRecord, RecordedDevice
 from gpuspawner.store import AuditStore
 from gpuspawner.times import parse_time
-from gpuspawner.usage import gpu_share, gpu_usage, held_seconds
+from gpuspawner.usage import gpu_share, gpu_usage, held_seconds, usage_report
 
 A100 = "NVIDIA A100-SXM4-80GB"
 DAY = "2026-11-21T"
@@ -28,11 +30,11 @@ def mig(profile: str = "1g.10gb") -> RecordedDevice:
 
 
 def record(rid: str, user: str, start: str | None, stop: str | None, *devices: RecordedDevice, server: str = "",
-           profile: str | None = "gpu") -> AuditRecord:
+           profile: str | None = "gpu", groups: tuple[str, ...] = (), idle: float | None = None) -> AuditRecord:
     return AuditRecord(
         id=rid, hub_id="hub-1", user=user, server=server, requested_at=f"{DAY}{start or '08:00'}:00+00:00",
         started_at=f"{DAY}{start}:00+00:00" if start else None, stopped_at=f"{DAY}{stop}:00+00:00" if stop else None,
-        devices=devices, profile=profile, outcome="stopped" if stop else "running",
+        devices=devices, profile=profile, outcome="stopped" if stop else "running", groups=groups, idle_gpu_seconds=idle,
     )
 
 
@@ -88,8 +90,8 @@ def test_held_time_is_cut_at_the_period_and_never_negative() -> None:
 
 
 def test_an_unknown_grouping_is_refused() -> None:
-    with pytest.raises(ValueError, match="cannot group usage by 'group'; allowed: user, server, profile, model"):
-        gpu_usage(RECORDS, by=["group"], since=None, until=UNTIL, now=NOW)
+    with pytest.raises(ValueError, match="cannot group usage by 'hostname'; allowed: user, server, profile, model, group"):
+        gpu_usage(RECORDS, by=["hostname"], since=None, until=UNTIL, now=NOW)
 
 
 def test_the_usage_command_reads_the_hubs_store(tmp_path: Path) -> None:
@@ -109,5 +111,126 @@ def test_the_usage_command_reads_the_hubs_store(tmp_path: Path) -> None:
     rows = {r["user"]: r["gpu_hours"] for r in json.loads(out.stdout)["rows"]}
     assert rows == {"ada": 2.5, "bob": 1.0, "dan": 1.0, "cyd": round(2 / 7, 4)}
     table = subprocess.run([sys.executable, "-m", "gpuspawner.cli", "usage", "-f", str(config), "--since", f"{DAY}10:00",
-                            "--until", f"{DAY}12:00", "--by", "group"], capture_output=True, text=True, timeout=120)
-    assert table.returncode == 1 and "--by: cannot group usage by 'group'" in table.stderr
+                            "--until", f"{DAY}12:00", "--by", "hostname"], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 1 and "--by: cannot group usage by 'hostname'" in table.stderr
+
+
+# --- Groups --------------------------------------------------------------------------------------
+
+GROUPED = [
+    record("g1", "ada", "10:00", "12:00", gpu(0), groups=("ml", "vision"), idle=3600),  # 2 GPU-h in both groups
+    record("g2", "bob", "11:00", "11:30", gpu(1), gpu(2), groups=("ml",)),  # 2 GPUs for 0.5 h; never sampled
+    record("g3", "cyd", "09:00", "11:00", mig(), idle=3600 / 7),  # no group; 1 h of its 2 inside: 1/7 GPU-h
+]
+
+
+def test_grouped_by_group_a_server_counts_once_in_each_of_its_groups() -> None:
+    report = usage_report(GROUPED, by=["group"], since=SINCE, until=UNTIL, now=NOW)
+    rows = {r.key[0]: (round(r.gpu_hours, 4), round(r.device_hours, 4), r.servers) for r in report.rows}
+    assert rows == {
+        "ml": (3.0, 3.0, 2),  # ada's 2 GPU-h and bob's 1
+        "vision": (2.0, 2.0, 1),  # ada's 2 GPU-h again
+        "(no group)": (round(1 / 7, 4), 1.0, 1),
+    }
+    # the groups add up to 5 1/7 GPU-hours; every record counted once, they are 3 1/7
+    assert (round(report.total.gpu_hours, 4), report.total.servers) == (round(3 + 1 / 7, 4), 3)
+
+
+def test_group_combines_with_other_columns() -> None:
+    rows = gpu_usage(GROUPED, by=["group", "user"], since=SINCE, until=UNTIL, now=NOW)
+    assert {r.key: round(r.gpu_hours, 4) for r in rows} == {
+        ("ml", "ada"): 2.0, ("vision", "ada"): 2.0, ("ml", "bob"): 1.0, ("(no group)", "cyd"): round(1 / 7, 4),
+    }
+
+
+# --- Idle GPU-hours --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "idle", "expected"),
+    [
+        ("10:00", "11:00", 1800, 0.5),  # wholly inside the period: all of its idle time
+        ("09:00", "11:00", 3600, 0.5),  # half of it inside (cut at since): half its idle hour
+        ("11:30", "12:30", 1800, 0.25),  # half of it inside (cut at until): half its idle half hour
+        ("10:00", "11:00", 0, 0.0),  # sampled and never idle: 0
+        ("10:00", "11:00", None, None),  # never sampled: unknown, not 0
+        ("11:00", None, None, None),  # still running: the hub writes its idle time when it stops
+    ],
+    ids=["inside", "cut-at-since", "cut-at-until", "never-idle", "never-sampled", "running"],
+)
+def test_idle_gpu_hours_count_the_records_part_inside_the_period(
+    start: str, stop: str | None, idle: float | None, expected: float | None
+) -> None:
+    (row,) = gpu_usage([record("r", "ada", start, stop, gpu(0), idle=idle)], by=["user"], since=SINCE, until=UNTIL, now=NOW)
+    assert row.idle_gpu_hours == (None if expected is None else pytest.approx(expected))
+
+
+IDLE = [
+    record("i1", "ada", "10:00", "11:00", gpu(0), idle=1800),
+    record("i2", "ada", "09:00", "11:00", gpu(1), idle=3600),
+    record("i3", "bob", "10:00", "11:00", gpu(2)),  # never sampled
+    record("i4", "cyd", "10:00", "11:00", gpu(3), mig("3g.40gb"), idle=1800),  # 1 + 3/7 of a GPU, 1800 s idle
+    record("i5", "dan", "10:00", "11:00", gpu(4), idle=0),
+    record("i6", "dan", "11:00", None, gpu(5)),  # running
+]
+
+
+def idle_by(column: str) -> dict[str, float | None]:
+    rows = gpu_usage(IDLE, by=[column], since=SINCE, until=UNTIL, now=NOW)
+    return {r.key[0]: None if r.idle_gpu_hours is None else round(r.idle_gpu_hours, 4) for r in rows}
+
+
+def test_a_rows_idle_hours_add_up_its_sampled_records_and_are_unknown_only_if_none_was() -> None:
+    assert idle_by("user") == {"ada": 1.0, "bob": None, "cyd": 0.5, "dan": 0.0}
+    assert usage_report(IDLE, by=["user"], since=SINCE, until=UNTIL, now=NOW).total.idle_gpu_hours == pytest.approx(1.5)
+
+
+def test_grouped_by_model_a_servers_idle_time_is_split_by_its_devices_gpu_shares() -> None:
+    # i4's 1800 idle GPU-seconds: 1/(10/7) = 7/10 to the whole A100 (1260 s), 3/10 to the 3g slice (540 s)
+    assert idle_by("model") == {A100: round(0.5 + 0.5 + 0.35 + 0.0, 4), f"{A100} MIG 3g.40gb": 0.15}
+
+
+# --- The command ---------------------------------------------------------------------------------------
+
+
+def usage_command(tmp_path: Path, records: list[AuditRecord], *args: str) -> str:
+    """The usage command's output for `records` in the period 10:00 to 12:00, run as an admin runs it."""
+    url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    config = tmp_path / "jupyterhub_config.py"
+    if not config.exists():
+        store = AuditStore(url, key=bytes(range(32)))
+        store.insert_many(records)
+        store.dispose()
+        config.write_text(f'c = get_config()  # noqa\nc.GPUSpawner.hub_id = "hub-1"\nc.GPUSpawner.audit_db_url = {url!r}\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuspawner.cli", "usage", "-f", str(config), "--since", f"{DAY}10:00",
+         "--until", f"{DAY}12:00", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_usage_command_shows_groups_and_idle_hours_in_each_format(tmp_path: Path) -> None:
+    data = json.loads(usage_command(tmp_path, GROUPED, "--by", "group", "--format", "json"))
+    assert data["rows"] == [
+        {"group": "ml", "gpu_hours": 3.0, "device_hours": 3.0, "servers": 2, "idle_gpu_hours": 1.0},
+        {"group": "vision", "gpu_hours": 2.0, "device_hours": 2.0, "servers": 1, "idle_gpu_hours": 1.0},
+        # g3: 1/7 of a GPU idle for 1 h, of which half inside the period
+        {"group": "(no group)", "gpu_hours": round(1 / 7, 4), "device_hours": 1.0, "servers": 1,
+         "idle_gpu_hours": round(1 / 14, 4)},
+    ]
+    assert data["total"] == {"gpu_hours": round(3 + 1 / 7, 4), "device_hours": 4.0, "servers": 3,
+                             "idle_gpu_hours": round(1 + 1 / 14, 4)}
+
+    rows = list(csv.DictReader(io.StringIO(usage_command(tmp_path, GROUPED, "--by", "user", "--format", "csv"))))
+    assert {r["user"]: (r["gpu_hours"], r["idle_gpu_hours"]) for r in rows} == {
+        "ada": ("2.0", "1.0"), "bob": ("1.0", ""), "cyd": (str(round(1 / 7, 4)), str(round(1 / 14, 4))),
+    }
+
+    table = usage_command(tmp_path, GROUPED, "--by", "user").splitlines()
+    assert table[0].split() == ["USER", "GPU-HOURS", "DEVICE-HOURS", "SERVERS", "IDLE-GPU-HOURS"]
+    assert table[2].split() == ["bob", "1.00", "1.00", "1", "-"]  # never sampled: unknown
+    assert table[-1].endswith(": 3.14, idle 1.07 (a MIG slice counts its share of its GPU)")
+    by_group = usage_command(tmp_path, GROUPED, "--by", "group").splitlines()
+    assert by_group[-1].endswith(": 3.14, idle 1.07 (a MIG slice counts its share of its GPU; a server counts in each "
+                                 "of its groups, so the groups add up to more)")

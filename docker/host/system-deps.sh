@@ -5,7 +5,8 @@
 #   docker/host/system-deps.sh test    for `make test`: the same, plus docker-registry, Chromium
 #                                      with its driver (the browser test), docker-compose
 #                                      (validating docker/docker-compose.yml) and PostgreSQL (the
-#                                      audit store's tests start a throwaway server of their own)
+#                                      audit store's tests start a throwaway server of their own),
+#                                      and Prometheus (the metrics test scrapes the hub with one of its own)
 #
 # As root on Debian/Ubuntu, missing packages are installed with apt-get; otherwise the script
 # names what to install and fails. Packages already present are left alone.
@@ -14,9 +15,10 @@ set -euo pipefail
 declare -A package_of=(
     [dockerd]=docker.io [debootstrap]=debootstrap [npm]=npm [node]=nodejs [docker-registry]=docker-registry
     [chromium]=chromium [chromedriver]=chromium-driver [docker-compose]=docker-compose
+    [prometheus]=prometheus
 )
 commands=(dockerd debootstrap node npm)
-[ "${1:-}" = test ] && commands+=(docker-registry chromium chromedriver docker-compose)
+[ "${1:-}" = test ] && commands+=(docker-registry chromium chromedriver docker-compose prometheus)
 
 missing=()
 for cmd in "${commands[@]}"; do

@@ -77,7 +77,7 @@ c.Authenticator.allow_all = True
 c.JupyterHub.services = [{{"name": "test-driver", "api_token": {s.token!r}}}]
 c.JupyterHub.load_roles = [{{
     "name": "test-driver",
-    "scopes": ["admin:users", "admin:servers", "access:servers", "read:hub"],
+    "scopes": ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:hub"],
     "services": ["test-driver"],
 }}]
 c.Spawner.start_timeout = 120
