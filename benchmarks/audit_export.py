@@ -13,6 +13,7 @@ import argparse
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,23 +75,30 @@ def measured(args: list[str], out: Path) -> tuple[float, float, int]:
     return wall, max(peak, before) / 1024, out.stat().st_size
 
 
+def bench_store(keep: str | None) -> tuple[Path, Path, Path]:
+    """A folder (kept at `keep`, else a new temporary one) for a new, empty audit store: the folder, the
+    database's path, and a hub configuration naming it, its sealing key and its chain head there."""
+    folder = Path(keep or tempfile.mkdtemp(prefix="gpuspawner-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    db, config = folder / "audit.sqlite", folder / "jupyterhub_config.py"
+    for old in (db, folder / "audit.key", folder / "audit.head"):
+        old.unlink(missing_ok=True)
+    config.write_text(
+        f"c = get_config()\nc.GPUSpawner.audit_db_url = {'sqlite:///' + str(db)!r}\nc.GPUSpawner.hub_id = 'hub-bench'\n"
+        f"c.GPUSpawner.audit_key_file = {str(folder / 'audit.key')!r}\n"
+        f"c.GPUSpawner.audit_head_file = {str(folder / 'audit.head')!r}\n"
+    )
+    return folder, db, config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--keep", help="a folder to keep the database and exports in")
     args = parser.parse_args()
-    folder = Path(args.keep or tempfile.mkdtemp(prefix="gpuspawner-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    db = folder / "audit.sqlite"
-    db.unlink(missing_ok=True)
+    folder, db, config = bench_store(args.keep)
     url = f"sqlite:///{db}"
-    config = folder / "jupyterhub_config.py"
     key_file, head_file = folder / "audit.key", folder / "audit.head"
-    key_file.unlink(missing_ok=True)
-    config.write_text(
-        f"c = get_config()\nc.GPUSpawner.audit_db_url = {url!r}\nc.GPUSpawner.hub_id = 'hub-bench'\n"
-        f"c.GPUSpawner.audit_key_file = {str(key_file)!r}\nc.GPUSpawner.audit_head_file = {str(head_file)!r}\n"
-    )
 
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; {args.records:,} records")
     seconds = fill(url, args.records, key_file=key_file, head_file=head_file)
@@ -107,9 +115,7 @@ def main() -> None:
         wall, peak, size = measured(command, folder / out)
         print(f"{name:<10}{wall:>9.1f}s{args.records / wall:>12,.0f}{peak:>9.0f} MiB{size / 2**20:>8.0f} MiB")
     if not args.keep:
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

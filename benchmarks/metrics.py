@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
 import jupyterhub.metrics  # noqa: F401  (JupyterHub's own series, as in the hub)
+from allocation import measure  # benchmarks/ is on sys.path when a benchmark runs
 from prometheus_client import REGISTRY, generate_latest
 
 from gpuspawner import metrics
@@ -84,16 +84,6 @@ def populate(inventory: Inventory) -> Callable[[], object]:
 
     publish()
     return publish
-
-
-def measure(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return statistics.median(times), times[int(len(times) * 0.95) - 1]
 
 
 def main() -> None:

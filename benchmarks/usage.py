@@ -19,13 +19,14 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+from audit_export import bench_store  # benchmarks/ is on sys.path when a benchmark runs
 
 from gpuspawner.audit import AuditRecord, RecordedDevice
 from gpuspawner.store import AuditStore, load_key
@@ -101,19 +102,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each command; the median wall time is reported")
     parser.add_argument("--keep", help="a folder to keep the database in")
     args = parser.parse_args()
-    folder = Path(args.keep or tempfile.mkdtemp(prefix="gpuspawner-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    db = folder / "audit.sqlite"
-    db.unlink(missing_ok=True)
+    folder, db, config = bench_store(args.keep)
     url = f"sqlite:///{db}"
-    config = folder / "jupyterhub_config.py"
     key_file, head_file = folder / "audit.key", folder / "audit.head"
-    key_file.unlink(missing_ok=True)
-    head_file.unlink(missing_ok=True)
-    config.write_text(
-        f"c = get_config()\nc.GPUSpawner.audit_db_url = {url!r}\nc.GPUSpawner.hub_id = 'hub-bench'\n"
-        f"c.GPUSpawner.audit_key_file = {str(key_file)!r}\nc.GPUSpawner.audit_head_file = {str(head_file)!r}\n"
-    )
 
     n = args.records
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; {n:,} records")
@@ -136,9 +127,7 @@ def main() -> None:
                   f"{max(r[1] for r in runs):>8.0f} MiB  {total['gpu_hours']:,.0f} ({total['idle_gpu_hours']:,.0f})")
     store.dispose()
     if not args.keep:
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

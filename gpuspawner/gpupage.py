@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from jupyterhub.services.auth import HubOAuthCallbackHandler
 from jupyterhub.utils import url_path_join
 from markupsafe import Markup
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,7 +44,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import charts
 from .form import TEMPLATES, template_environment
-from .service import SCOPE, _Base, define_reader_scope, service_environment
+from .service import SCOPE, _Base, define_reader_scope, service_app, service_environment
 from .store import AuditStore, Filters
 from .usage import Usage, gpu_usage
 
@@ -513,16 +512,7 @@ class GPUsHandler(_Base):
 
 def make_app(sampler: Sampler, usage: MonthUsageCache, *, prefix: str | None = None) -> web.Application:
     prefix = prefix or os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpus/")
-    return web.Application(
-        [
-            (prefix, GPUsHandler),
-            (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
-        ],
-        sampler=sampler,
-        usage=usage,
-        prefix=prefix,
-        cookie_secret=os.urandom(32),
-    )
+    return service_app(prefix, [(prefix, GPUsHandler)], sampler=sampler, usage=usage)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -175,18 +175,17 @@ def _cells(r: audit.AuditRecord) -> list[str]:
     return ["" if v is None else str(v) for v in values]
 
 
+def service_app(prefix: str, handlers: list[tuple[str, type[web.RequestHandler]]], **settings: Any) -> web.Application:
+    """A service's web app: its pages under `prefix` (in ``settings["prefix"]`` too), JupyterHub's OAuth
+    callback, and a new cookie secret (a restart logs readers in again, through the hub)."""
+    return web.Application([*handlers, (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler)],
+                           prefix=prefix, cookie_secret=os.urandom(32), **settings)
+
+
 def make_app(store: AuditStore) -> web.Application:
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/audit/")
-    return web.Application(
-        [
-            (prefix, TableHandler),
-            (url_path_join(prefix, r"export\.(csv|jsonl)"), ExportHandler),
-            (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
-        ],
-        store=store,
-        prefix=prefix,
-        cookie_secret=os.urandom(32),
-    )
+    return service_app(prefix, [(prefix, TableHandler), (url_path_join(prefix, r"export\.(csv|jsonl)"), ExportHandler)],
+                       store=store)
 
 
 def main(argv: list[str] | None = None) -> None:
