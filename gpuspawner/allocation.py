@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .devices import Device, Inventory, format_bytes
@@ -174,8 +174,9 @@ def allocate(
         by_status[device_status(device, others, busy_memory_threshold=busy_memory_threshold)].append(device)
     free = by_status[Status.FREE]
 
-    if inventory.problem is None and len(free) >= request.device_count:
-        return Grant(devices=_closest(free, request.device_count, inventory))
+    on_one_node = _one_node(free, request.device_count)
+    if inventory.problem is None and on_one_node:
+        return Grant(devices=_closest(on_one_node, request.device_count, inventory))
 
     held_by = sorted({others[d.uuid] for d in by_status[Status.HELD]})
     return Refusal(
@@ -188,6 +189,25 @@ def allocate(
         problem=inventory.problem,
         host_models=_host_models(inventory.devices),
     )
+
+
+def _one_node(free: Sequence[Device], count: int) -> list[Device]:
+    """The free devices of the node a server of `count` devices goes to: all of them on one host; on a
+    swarm, the node with the fewest free devices that has enough (a node with many is kept for the big
+    requests). Empty when no node has `count`."""
+    by_node: dict[str, list[Device]] = {}
+    for d in free:
+        by_node.setdefault(d.node, []).append(d)
+    fitting = [devices for devices in by_node.values() if len(devices) >= count]
+    return min(fitting, key=lambda devices: (len(devices), devices[0].node)) if fitting else []
+
+
+def most_on_one_node(devices: Iterable[Device]) -> int:
+    """The most of `devices` on any one node (all of them, on one host)."""
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d.node] = counts.get(d.node, 0) + 1
+    return max(counts.values(), default=0)
 
 
 def _closest(free: Sequence[Device], count: int, inventory: Inventory) -> tuple[Device, ...]:

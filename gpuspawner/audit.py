@@ -82,7 +82,8 @@ class AuditRecord:
     image_labels: Mapping[str, str] = field(default_factory=dict)  # org.opencontainers.image.*
     container_id: str | None = None
     container_name: str | None = None
-    hostname: str | None = None
+    hostname: str | None = None  # the host the server ran on (on a swarm: its node's host name)
+    node: str | None = None  # the Docker Swarm node's ID, for a server of GPUSwarmSpawner
     docker_version: str | None = None
     driver_version: str | None = None
     cuda_driver_version: str | None = None

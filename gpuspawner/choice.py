@@ -55,6 +55,11 @@ class UserChoice(DockerPath):
     def holder(self) -> Holder:
         return Holder(user=self.user.name, server=self.name or "")
 
+    async def device_claims(self, inventory: Inventory, *, max_age: float = 0) -> dict[str, Holder]:
+        """UUID -> holder of every device in use now: what the engine's running containers hold
+        (:func:`gpuspawner.gpus.engine_claims`; the form may show a read up to `max_age` seconds old)."""
+        return await engine_claims(self.docker, self.hub_id, inventory, max_age=max_age)
+
     def nvml_reader(self) -> NVMLInventory:
         return resources.inventory(self.nvml_cache_seconds, self.nvml_timeout)
 
@@ -83,7 +88,7 @@ class UserChoice(DockerPath):
                 inventory = await self.nvml_reader().get()
             except NVMLTimeout as e:  # the form says so; CPU-only profiles still start
                 inventory = Inventory(problem=str(e))
-            claims = resources.book.merged(await engine_claims(self.docker, self.hub_id, inventory, max_age=self.nvml_cache_seconds))
+            claims = resources.book.merged(await self.device_claims(inventory, max_age=self.nvml_cache_seconds))
         waiting = self.gpu_wait_timeout > 0
         entries = form_entries(
             mine, inventory, claims, holder=self.holder, busy_memory_threshold=self.busy_memory_threshold,

@@ -52,6 +52,7 @@ class Device:
     mig_enabled: bool = False  # a GPU in MIG mode: handed out only by its MIG devices
     parent_uuid: str | None = None  # set for MIG devices
     mig_profile: str | None = None  # e.g. "1g.10gb", for MIG devices
+    node: str = ""  # the Docker Swarm node that has it ("" for the hub's own host); one server's devices share a node
 
     @property
     def is_mig(self) -> bool:

@@ -24,7 +24,7 @@ from .images import ImageRef, ImageReferenceError, parse_image
 CSV_COLUMNS = (
     "id", "seq", "hub_id", "user", "groups", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
     "stopped_at", "idle_gpu_seconds", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",
-    "container_name", "hostname", "docker_version", "driver_version", "cuda_driver_version", "devices",
+    "container_name", "hostname", "node", "docker_version", "driver_version", "cuda_driver_version", "devices",
     "device_models", "cpu_limit", "mem_limit", "error", "exit_code", "oom_killed", "gpuspawner_version", "profile_hash", "hash",
 )
 # OWASP, "CSV Injection": a spreadsheet runs a cell that starts with one of these as a formula.

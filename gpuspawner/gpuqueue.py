@@ -18,7 +18,17 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .allocation import GPURequest, Grant, Holder, Refusal, Status, allocate, device_status, quota_refusal
+from .allocation import (
+    GPURequest,
+    Grant,
+    Holder,
+    Refusal,
+    Status,
+    allocate,
+    device_status,
+    most_on_one_node,
+    quota_refusal,
+)
 from .devices import Inventory
 
 KEPT = Holder(user="", server="kept for a server waiting ahead in the GPU queue")
@@ -79,7 +89,7 @@ def serve(
                 taken.update((u, w.holder) for u in result.uuids)
                 continue
         if w.request not in healthy:
-            healthy[w.request] = sum(1 for d in inventory.devices if d.healthy and d.uuid and w.request.matches(d))
+            healthy[w.request] = most_on_one_node(d for d in inventory.devices if d.healthy and d.uuid and w.request.matches(d))
         if inventory.problem is not None or healthy[w.request] < w.request.device_count:
             refused[w.id] = _refusal(w, inventory, taken, busy_memory_threshold).message()
             continue

@@ -86,10 +86,12 @@ async def engine_claims(call: Docker, hub_id: str, inventory: Inventory, *, max_
 
 
 async def claim_devices(
-    ask: Ask, *, call: Docker, hub_id: str, read_inventory: Callable[[], Awaitable[Inventory]],
-    say: Callable[[str], None], log: Any, name: str,
+    ask: Ask, *, read_inventory: Callable[[], Awaitable[Inventory]],
+    read_claims: Callable[[Inventory], Awaitable[dict[str, Holder]]], say: Callable[[str], None], log: Any, name: str,
 ) -> Grant:
-    """Devices for `ask`, noted as its pending claim; NoDevices when there are none.
+    """Devices for `ask`, noted as its pending claim; NoDevices when there are none. `read_inventory`
+    gives the devices (NVML, or a swarm's nodes), `read_claims` who holds which now (the engine's
+    containers, or the swarm's tasks).
 
     Where spawns may wait (``gpu_wait_timeout``), the spawn joins the hub's GPU queue and is
     served in its turn (:func:`gpuspawner.gpuqueue.serve`): it looks again whenever a server's
@@ -109,7 +111,7 @@ async def claim_devices(
             except NVMLTimeout as e:
                 raise NoDevices(503, str(e), "nvml_timeout") from None
             async with resources.lock:
-                claims = resources.book.merged(await engine_claims(call, hub_id, inventory))
+                claims = resources.book.merged(await read_claims(inventory))
                 # the whole line is looked at (a spawn that may not wait too): those ahead keep their turn
                 line = list(resources.waiters.values())
                 turn = serve(line, inventory, claims, busy_memory_threshold=ask.busy_memory_threshold, explain=me.id)

@@ -21,6 +21,7 @@ from .gpuqueue import Waiter
 from .nvml import NVMLInventory
 from .readings import Readings
 from .store import AsyncAuditStore
+from .swarm import SwarmNode
 
 if TYPE_CHECKING:
     from .spawner import GPUSpawner
@@ -60,6 +61,8 @@ class HubResources:
         self.accounted: dict[str, float] = {}  # record id -> until when its GPU time is counted (epoch)
         self.gpu_idle_seconds: dict[str, float] = {}  # record id -> idle GPU-seconds of its server so far
         self._queue_moved: asyncio.Event | None = None
+        self.swarm_nodes: tuple[float, list[SwarmNode] | None] = (0.0, None)  # when read, the swarm's nodes
+        self.swarm_networks: dict[str, str] = {}  # network name -> ID, on a swarm
 
     def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
         """Run `aw` in the background, keeping a reference until it ends."""

@@ -21,6 +21,7 @@ from .facts import DeviceFacts, ResolvedImage
 from .hubwide import resources
 from .reconcile import Ending
 from .store import AsyncAuditStore, AuditRecordSealed, AuditStoreError
+from .swarm import SwarmNode, SwarmTask
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -119,6 +120,16 @@ class SpawnRecorder:
             container_name=container_name,
             container_image_id=inspection.get("Image"),
             device_requests=tuple((inspection.get("HostConfig") or {}).get("DeviceRequests") or ()),
+        )
+
+    def note_swarm_task(self, record_id: str, *, node: SwarmNode, task: SwarmTask, devices: DeviceFacts,
+                        service_name: str) -> None:
+        """Queue where a swarm placed the server: its node (ID, host name, engine version), the devices
+        Swarm assigned its task with the node's driver versions, and the service and task."""
+        self._note(
+            record_id, node=node.id, hostname=node.hostname, docker_version=node.engine_version or None,
+            devices=devices.devices, driver_version=devices.driver_version, cuda_driver_version=devices.cuda_driver_version,
+            container_name=service_name, container_id=task.container_id or None,
         )
 
     def note_started(self, record_id: str) -> None:

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from typing import Any
 
+import docker.errors
 from tornado import web
 from traitlets import default
 
@@ -263,7 +264,7 @@ class GPUSpawner(UserChoice):
             wait_seconds=min(self.gpu_wait_timeout, self.start_timeout),
         )
         try:
-            grant = await claim_devices(ask, call=self.docker, hub_id=self.hub_id, read_inventory=self.nvml_reader().get,
+            grant = await claim_devices(ask, read_inventory=self.nvml_reader().get, read_claims=self.device_claims,
                                         say=self.progress_log.say, log=self.log, name=self._log_name)
         except NoDevices as e:
             raise Refused(e.status, e.message, e.reason) from None
@@ -403,16 +404,53 @@ class GPUSpawner(UserChoice):
         reason, self.stop_reason = self.stop_reason, ""
         count_until_stop(self)  # its GPU time up to now, for the metrics and its record
         container = None if self._spawning else await self.get_object()
+        records = _records(self.audit_record_id, container)  # read before the stop clears the state
         await super().stop(now=now)
         resources.containers_changed()
         if self._spawning:
             return
-        for record_id in _records(self.audit_record_id, container):
+        for record_id in records:
             ending = await self.recorder.stopped(record_id, never_answered=never_answered, started_here=self._started_here,
                                                  http_timeout=self.http_timeout)
             if reason and ending.outcome == "stopped":
                 ending = replace(ending, error=reason)
-            await self.recorder.finish(record_id, ending.with_container(container))
+            await self.recorder.finish(record_id, self.named_ending(ending, container))
+
+    def named_ending(self, ending: Ending, container: dict[str, Any] | None) -> Ending:
+        """`ending`, naming the server's inspected container (a service's record named its own when it started)."""
+        return ending.with_container(container)
+
+    # --- This hub's containers, for its reconciliation (gpuspawner.upkeep) -----------------------------
+
+    async def server_objects(self) -> list[reconcile.ContainerView]:
+        """Every container of this hub on the engine, running or not, by its labels."""
+        found = []
+        for c in await self.docker("containers", all=True, filters=labels.hub_filter(self.hub_id)):
+            identity = labels.identity_from_labels(c.get("Labels"))
+            if identity is not None and identity.hub_id == self.hub_id:
+                found.append(reconcile.ContainerView(
+                    id=c["Id"], name=(c.get("Names") or [c["Id"][:12]])[0].lstrip("/"), user=identity.user,
+                    server=identity.server, state=c.get("State", ""), record_id=(c.get("Labels") or {}).get(labels.RECORD, ""),
+                ))
+        return found
+
+    async def end_server_object(self, c: reconcile.ContainerView, *, remove: bool) -> None:
+        """Stop a container of this hub that no server owns, and remove it where `remove`."""
+        try:
+            if c.state in reconcile.LIVE_STATES:
+                await self.docker("stop", c.id)
+            if remove:
+                await self.docker("remove_container", c.id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+
+    async def ended_server_object(self, c: reconcile.ContainerView) -> Ending:
+        """How the record of a container that ended on its own ends, from the engine's inspection."""
+        try:
+            info = await self.docker("inspect_container", c.id)
+        except docker.errors.NotFound:
+            info = None
+        return reconcile.ended_container(info)
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """What the user sees while the server starts (JupyterHub stops reading once it is up)."""
@@ -421,8 +459,10 @@ class GPUSpawner(UserChoice):
 
 
 def _label(container: dict[str, Any] | None, name: str) -> str:
-    """A label of an inspected container, or ""."""
-    return "" if container is None else str((container.get("Config", {}).get("Labels") or {}).get(name, ""))
+    """A label of an inspected container (or swarm service), or ""."""
+    if container is None:
+        return ""
+    return str(((container.get("Config") or container.get("Spec") or {}).get("Labels") or {}).get(name, ""))
 
 
 def _records(own: str, container: dict[str, Any] | None) -> list[str]:

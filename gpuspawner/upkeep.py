@@ -13,11 +13,10 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
-import docker.errors
 from traitlets import TraitError
 from traitlets.config import Config
 
-from . import labels, reconcile, seams, settings
+from . import reconcile, seams, settings
 from .hubwide import resources
 from .reclaim import keep_time
 from .recorder import close_record
@@ -108,50 +107,30 @@ def _server_view(spawner: GPUSpawner) -> reconcile.ServerView:
 
 async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
     """One check of this hub's containers, open records and unconfirmed claims; carry out the plan."""
-    hub_id = caretaker.hub_id
     store = caretaker.audit_store()
-    listed = await caretaker.docker("containers", all=True, filters=labels.hub_filter(hub_id))
-    containers = []
-    for c in listed:
-        identity = labels.identity_from_labels(c.get("Labels"))
-        if identity is not None and identity.hub_id == hub_id:
-            containers.append(reconcile.ContainerView(
-                id=c["Id"], name=(c.get("Names") or [c["Id"][:12]])[0].lstrip("/"), user=identity.user,
-                server=identity.server, state=c.get("State", ""), record_id=(c.get("Labels") or {}).get(labels.RECORD, ""),
-            ))
+    containers = await caretaker.server_objects()
     spawners = {key: sp for key, sp in list(resources.spawners.items())}
     open_records = [
         reconcile.OpenRecord(id=r.id, user=r.user, server=r.server, outcome=r.outcome)
-        for r in await store.open_records(hub_id)
+        for r in await store.open_records(caretaker.hub_id)
     ]
     todo = reconcile.plan(
         containers, [_server_view(sp) for sp in spawners.values()], open_records,
         unconfirmed=resources.book.unconfirmed(), remove=caretaker.remove,
     )
     for c in todo.stop:
-        log.warning("Stopping orphan container %s of %s/%s: no server of this hub owns it", c.name, c.user, c.server)
-        try:
-            await caretaker.docker("stop", c.id)
-            if caretaker.remove:
-                await caretaker.docker("remove_container", c.id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
+        log.warning("Stopping orphan %s %s of %s/%s: no server of this hub owns it", caretaker.object_type, c.name,
+                    c.user, c.server)
+        await caretaker.end_server_object(c, remove=caretaker.remove)
         if c.record_id:
             # the hub may have died before the record learnt its container's id: say which it was
             await close_record(store, c.record_id, log, reconcile.Ending(
                 "abandoned", reconcile.ORPHAN_STOPPED, container_id=c.id, container_name=c.name))
     for c in todo.ended:
-        try:
-            info = await caretaker.docker("inspect_container", c.id)
-        except docker.errors.NotFound:
-            info = None
-        ending = replace(reconcile.ended_container(info), container_id=c.id, container_name=c.name)
+        ending = replace(await caretaker.ended_server_object(c), container_id=c.id, container_name=c.name)
         await close_record(store, c.record_id, log, ending)
     for c in todo.remove:
-        try:
-            await caretaker.docker("remove_container", c.id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
+        await caretaker.end_server_object(c, remove=True)
     for record_id, ending in todo.close:
         log.warning("Closing audit record %s: %s", record_id, ending.error)
         await close_record(store, record_id, log, ending)
