@@ -17,6 +17,7 @@ or one MIG device is the first free one in that order.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,14 +60,22 @@ class GPURequest:
 
     def matches(self, device: Device) -> bool:
         """Whether the device is of the kind asked for (free or not)."""
+        # parent_uuid rather than is_mig: this runs for every device of a swarm at every look
         if self.mig_profile is not None:
-            if not device.is_mig or device.mig_profile != self.mig_profile:
+            if device.parent_uuid is None or device.mig_profile != self.mig_profile:
                 return False
-        elif device.is_mig or device.mig_enabled:
+        elif device.parent_uuid is not None or device.mig_enabled:
             return False
-        if self.model and not re.search(self.model, device.model, re.IGNORECASE):
+        if device.memory_total < self.min_memory:
             return False
-        return device.memory_total >= self.min_memory
+        return not self.model or _model_matches(self.model, device.model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_matches(pattern: str, model: str) -> bool:
+    """Whether a request's model pattern is found in a model name, case-insensitively. Remembered: a swarm
+    asks it of every one of its hundreds of devices at each look, for a handful of distinct pairs."""
+    return re.search(pattern, model, re.IGNORECASE) is not None
 
 
 @dataclass(frozen=True, order=True)
@@ -121,6 +130,7 @@ class Refusal:
     holders: tuple[Holder, ...] = ()
     problem: str | None = None  # the inventory could not be read at all
     host_models: tuple[str, ...] = ()  # what the host has, when nothing matches
+    healthy_on_one_node: int | None = None  # the most healthy matching devices on one node (None: not counted)
 
     @property
     def matching(self) -> int:
@@ -144,8 +154,11 @@ class Refusal:
             f"{self.held} held by other servers, {self.busy} busy outside the hub, "
             f"{self.unhealthy} unhealthy."
         )
-        if self.matching - self.unhealthy < self.request.device_count:
-            text += " This host never has that many healthy devices of this kind."
+        healthy = self.matching - self.unhealthy if self.healthy_on_one_node is None else self.healthy_on_one_node
+        if healthy < self.request.device_count:
+            text += (" This host never has that many healthy devices of this kind." if self.healthy_on_one_node is None
+                     or healthy == self.matching - self.unhealthy else
+                     " No node has that many healthy devices of this kind: one server's devices are on one node.")
         else:
             text += " Try again when a server stops."
         if admin and self.holders:
@@ -167,7 +180,7 @@ def allocate(
     """
     if not request.wants_gpu:
         return Grant(devices=())
-    others = {uuid: h for uuid, h in claims.items() if h != holder}
+    others = _others(claims, holder)
     matching = sorted((d for d in inventory.devices if request.matches(d)), key=lambda d: d.order_key)
     by_status: dict[Status, list[Device]] = {s: [] for s in Status}
     for device in matching:
@@ -188,7 +201,14 @@ def allocate(
         holders=tuple(held_by),
         problem=inventory.problem,
         host_models=_host_models(inventory.devices),
+        healthy_on_one_node=most_on_one_node(d for d in matching if d.healthy and d.uuid),
     )
+
+
+def _others(claims: Mapping[str, Holder], holder: Holder) -> dict[str, Holder]:
+    """The claims of everyone but `holder`. The user names are compared first: most claims are other
+    users', and a string comparison costs a fraction of the dataclass's (a swarm has hundreds of claims)."""
+    return {uuid: h for uuid, h in claims.items() if h.user != holder.user or h != holder}
 
 
 def _one_node(free: Sequence[Device], count: int) -> list[Device]:
@@ -277,11 +297,8 @@ def availability(
     models = {d.name if not d.is_mig else f"MIG {d.mig_profile}" for d in matching}
     label = models.pop() if len(models) == 1 else "GPUs"
     if isinstance(result, Grant):
-        free = sum(
-            1 for d in matching
-            if device_status(d, {u: h for u, h in claims.items() if h != holder},
-                             busy_memory_threshold=busy_memory_threshold) is Status.FREE
-        )
+        others = _others(claims, holder)  # once, not per device: a swarm has hundreds
+        free = sum(1 for d in matching if device_status(d, others, busy_memory_threshold=busy_memory_threshold) is Status.FREE)
         return Availability(True, f"{free} of {len(matching)} {label} free")
     if not matching:
         return Availability(False, "no matching GPU on this host")

@@ -1,11 +1,17 @@
 """The ``gpuspawner`` command, for lab admins.
 
-    gpuspawner gpus [-f jupyterhub_config.py] [--json]
+    gpuspawner gpus [-f jupyterhub_config.py] [--json] [--swarm]
 
 lists every device of this host (index, UUID, model, memory, utilization, health) and where
 it stands: free, busy outside the hub, or held by which server of the hub. It reads the hub's
 configuration for the hub's identity and thresholds, NVML for the devices and the Docker
-engine for the claims, exactly as the hub does before each allocation.
+engine for the claims, exactly as the hub does before each allocation. With ``--swarm``, the
+devices every node of the Docker Swarm advertises, with their nodes, as the manager lists them.
+
+    gpuspawner swarm-node-config [--merge /etc/docker/daemon.json]
+
+run on a GPU node of a swarm, prints the daemon.json that makes its engine advertise its GPUs and
+MIG devices, and says how to set NVIDIA's container runtime to hand them to containers.
 
 Errors become one line on stderr and a non-zero exit status.
 """
@@ -15,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import labels, settings, times
+from . import labels, settings, swarm, times
 from .allocation import Holder, Status, device_status
 from .devices import Device, Inventory, format_bytes
 from .hubconfig import ConfigFileError, load_spawner_settings
@@ -82,8 +89,11 @@ def device_rows(
     busy_memory_threshold: int,
     server_profiles: dict[Holder, str] | None = None,
     server_limits: dict[Holder, str] | None = None,
+    node_names: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per device, for the table and for --json. `server_limits`: each server's time limits in words."""
+    """One dict per device, for the table and for --json. `server_limits`: each server's time limits in words.
+    `node_names` (node ID -> host name) marks the devices as a swarm's: each row names its node, and a
+    device held by a service that is not a server of this hub says so."""
     server_profiles = server_profiles or {}
     server_limits = server_limits or {}
     rows = []
@@ -94,7 +104,8 @@ def device_rows(
         elif status is Status.HELD:
             holder = claims[d.uuid]
             profile = server_profiles.get(holder)
-            where = f"held by {holder}" + (f" (profile {profile})" if profile else "")
+            shown = f"another service ({holder})" if node_names is not None and not holder.user else str(holder)
+            where = f"held by {shown}" + (f" (profile {profile})" if profile else "")
             if server_limits.get(holder):
                 where += f"; {server_limits[holder]}"
         elif status is Status.BUSY:
@@ -116,7 +127,8 @@ def device_rows(
                 "profile": server_profiles.get(claims[d.uuid]) if status is Status.HELD else None,
                 "limits": server_limits.get(claims[d.uuid]) if status is Status.HELD else None,
                 "where": where,
-            }
+            } | ({"node": node_names.get(d.node, d.node), "node_id": d.node, "memory_used": None}  # a swarm does not say
+                 if node_names is not None else {})
         )
     return rows
 
@@ -128,16 +140,28 @@ def _busy_reason(d: Device) -> str:
     return f"busy outside the hub ({format_bytes(d.memory_used)} in use)"
 
 
-def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: str) -> str:
-    header = ("INDEX", "UUID", "MODEL", "MEMORY USED", "UTIL", "HEALTH", "STATUS")
+def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: str, *,
+                 summary: Sequence[str] | None = None) -> str:
+    """The rows as a table, then `summary` (default: the host's driver and the hub's free and held counts).
+    Rows of a swarm's devices (with a node) show the node and the memory each device has; a swarm
+    reports neither memory in use, utilization nor health."""
+    on_nodes = any("node" in r for r in rows)
+    if on_nodes:
+        header: tuple[str, ...] = ("NODE", "UUID", "MODEL", "MEMORY", "STATUS")
+    else:
+        header = ("INDEX", "UUID", "MODEL", "MEMORY USED", "UTIL", "HEALTH", "STATUS")
     lines = [header]
     for r in rows:
+        memory = "-" if not r["memory_total"] else format_bytes(r["memory_total"])
+        if on_nodes:
+            lines.append((r["node"], r["uuid"] or "-", r["model"], memory, r["where"]))
+            continue
         lines.append(
             (
                 r["index"],
                 r["uuid"] or "-",
                 r["model"],
-                f"{format_bytes(r['memory_used'])} / {format_bytes(r['memory_total'])}" if r["memory_total"] else "-",
+                f"{format_bytes(r['memory_used'])} / {memory}" if r["memory_total"] else "-",
                 "-" if r["utilization"] is None else f"{r['utilization']}%",
                 r["health"],
                 r["where"],
@@ -145,6 +169,8 @@ def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: s
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines)
+    if summary is not None:
+        return "\n".join([text, *summary] if rows else summary)
     if inventory.problem:
         summary = f"No GPUs: {inventory.problem}."
     else:
@@ -163,6 +189,8 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
     hub = load_spawner_settings(args.config)
     hub_id = args.hub_id or hub.hub_id
+    if args.swarm:
+        return _swarm_gpus(args, hub_id=hub_id, busy_memory_threshold=hub.busy_memory_threshold)
 
     inventory = read_inventory()
     containers = hub_containers(hub_id)
@@ -184,6 +212,205 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_table(rows, inventory, hub_id))
+    return 0
+
+
+# --- A Docker Swarm ------------------------------------------------------------------------------
+
+
+def swarm_listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The swarm's nodes, services and tasks, as the manager the Docker settings reach (DOCKER_HOST, or
+    the default socket) lists them. An engine that is no manager is an error that says so."""
+    import docker
+    from docker.utils import kwargs_from_env
+
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.APIClient(version="auto", **kwargs_from_env())
+        nodes: list[dict[str, Any]] = client.nodes()
+        services: list[dict[str, Any]] = client.services()  # type: ignore[no-untyped-call]
+        tasks: list[dict[str, Any]] = client.tasks()  # type: ignore[no-untyped-call]
+        return nodes, services, tasks
+    except docker.errors.APIError as e:
+        if e.status_code == 503:  # "This node is not a swarm manager. …", on a worker and outside a swarm alike
+            raise CLIError(
+                f"the Docker engine at {where} is not a swarm manager ({_one_line(e.explanation or str(e))}); "
+                "run this on a manager node, or point DOCKER_HOST at one"
+            ) from None
+        raise CLIError(f"cannot read the swarm from the Docker engine at {where}: {_one_line(str(e))}") from None
+    except docker.errors.DockerException as e:
+        raise CLIError(f"cannot read the swarm from the Docker engine at {where}: {_one_line(str(e))}") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()).rstrip(".")
+
+
+def swarm_tasks(services: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]]) -> list[swarm.SwarmTask]:
+    """The tasks with their services' names and labels."""
+    specs = {s.get("ID"): s.get("Spec") or {} for s in services}
+    return [swarm.task_from_api(t, service_name=str(specs.get(t.get("ServiceID"), {}).get("Name", "")),
+                                service_labels=specs.get(t.get("ServiceID"), {}).get("Labels") or {})
+            for t in tasks]
+
+
+def swarm_report(
+    nodes: Sequence[Mapping[str, Any]], services: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]], *,
+    hub_id: str, busy_memory_threshold: int,
+) -> dict[str, Any]:
+    """What `gpus --swarm` shows, from the manager's lists: every device the schedulable nodes advertise
+    (as the hub counts them), the counts per kind of device, and the GPU nodes not counted, with why."""
+    from .claims import profiles_of_servers
+
+    found = [swarm.node_from_api(n) for n in nodes]
+    holding = [t for t in swarm_tasks(services, tasks) if t.holds]
+    inventory = swarm.cluster_inventory(found)
+    claims = swarm.cluster_claims(holding, hub_id=hub_id)
+    rows = device_rows(
+        inventory, claims, busy_memory_threshold=busy_memory_threshold,
+        server_profiles=profiles_of_servers([{"Labels": t.labels, "State": "running"} for t in holding], hub_id=hub_id),
+        node_names={n.id: n.hostname or n.id for n in found},
+    )
+    return {"hub_id": hub_id, "problem": inventory.problem, "devices": rows, "kinds": kind_counts(rows),
+            "not_counted": [why for n in nodes if (why := not_counted(n))]}
+
+
+def kind_counts(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per kind of device (a model, or a model's MIG profile): how many are advertised, held and free."""
+    counts: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        kind = counts.setdefault(r["model"], {"kind": r["model"], "advertised": 0, "held": 0, "free": 0})
+        kind["advertised"] += 1
+        kind["held"] += r["status"] == Status.HELD.value
+        kind["free"] += r["status"] == Status.FREE.value
+    return [counts[k] for k in sorted(counts)]
+
+
+def not_counted(node: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Why a GPU node's devices are not counted (it is down, drained or paused), or None when they are
+    (or it advertises none)."""
+    found = swarm.node_from_api(node)
+    kinds: dict[str, int] = {}
+    for kind, _ in found.resources:
+        if kind == swarm.GPU_KIND or kind.startswith(swarm.MIG_KIND_PREFIX):
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if found.schedulable or not kinds:
+        return None
+    status = node.get("Status") or {}
+    availability = (node.get("Spec") or {}).get("Availability", "active")
+    reasons = [] if found.ready else [str(status.get("State") or "unknown") + (f" ({status['Message']})" if status.get("Message") else "")]
+    reasons += {"drain": ["drained"], "pause": ["paused"]}.get(availability, [])
+    return {"node": found.hostname or found.id, "node_id": found.id, "why": ", ".join(reasons), "advertises": kinds}
+
+
+def swarm_summary(report: Mapping[str, Any]) -> list[str]:
+    """The lines under the table: the hub's counts, each kind's, and each GPU node not counted."""
+    rows = report["devices"]
+    mine = sum(1 for r in rows if r["status"] == Status.HELD.value and not r["where"].startswith("held by another service"))
+    others = sum(1 for r in rows if r["status"] == Status.HELD.value) - mine
+    free = sum(1 for r in rows if r["status"] == Status.FREE.value)
+    lines = [f"No GPUs: {report['problem']}." if report["problem"] else
+             f"Swarm, hub {report['hub_id']}: {free} free, {mine} held by its servers, {others} held by other services."]
+    lines += [f"{k['kind']}: {k['advertised']} advertised on schedulable nodes, {k['held']} held, {k['free']} free."
+              for k in report["kinds"]]
+    lines += [f"{n['node']}: not counted, {n['why']} (advertises "
+              + ", ".join(f"{count} × {kind}" for kind, count in sorted(n["advertises"].items())) + ")."
+              for n in report["not_counted"]]
+    return lines
+
+
+def _swarm_gpus(args: argparse.Namespace, *, hub_id: str, busy_memory_threshold: int) -> int:
+    nodes, services, tasks = swarm_listing()
+    report = swarm_report(nodes, services, tasks, hub_id=hub_id, busy_memory_threshold=busy_memory_threshold)
+    if args.json:
+        print(json.dumps({"swarm": True, **report}, indent=2))
+    else:
+        print(format_table(report["devices"], Inventory(problem=report["problem"]), hub_id, summary=swarm_summary(report)))
+    return 0
+
+
+# NVIDIA Container Toolkit, api/config/v1/config.go: `swarm-resource` is a top-level key of
+# /etc/nvidia-container-runtime/config.toml naming the variables whose device lists take the place of
+# NVIDIA_VISIBLE_DEVICES when a container has any of them. A comma-separated list of several variables
+# is read from v1.12.0 on (CHANGELOG "Add support for multiple Docker Swarm resources";
+# cmd/nvidia-container-runtime-hook/hook_config.go, getSwarmResourceEnvvars); before, the whole value
+# is one variable's name. v1.18.0 made jit-cdi the runtime's default mode and read the setting only in
+# the legacy hook; v1.19.0 reads it in every mode again (commit a290bcf8 "fix: Add docker swarm support
+# to jit-cdi mode": internal/config/image/builder.go, WithPreferredVisibleDevicesEnvVars;
+# internal/runtime/runtime_factory.go).
+MULTIPLE_SWARM_RESOURCES_SINCE = "1.12.0"
+
+
+def runtime_advice(variables: Sequence[str], *, default_runtime: str | None) -> list[str]:
+    """What to set for NVIDIA's container runtime on the node, as lines for stderr."""
+    lines = [
+        "# /etc/nvidia-container-runtime/config.toml, at the top level (before any [section]):",
+        f'swarm-resource = "{",".join(variables)}"',
+    ]
+    if len(variables) > 1:
+        lines.append(f"# A list of several variables needs NVIDIA Container Toolkit {MULTIPLE_SWARM_RESOURCES_SINCE} or later "
+                     "(older ones read one name only).")
+    lines.append('# Toolkit 1.18.x reads swarm-resource only with mode = "legacy" under [nvidia-container-runtime]; '
+                 "1.19.0 and later in every mode.")
+    if default_runtime != "nvidia":
+        lines.append('# A Swarm service cannot choose a runtime: make "nvidia" the engine\'s default runtime '
+                     "(nvidia-ctk runtime configure --runtime=docker --set-as-default), then restart the engine.")
+    return lines
+
+
+def node_label_advice(node_labels: Mapping[str, str], *, hostname: str) -> list[str]:
+    """The command that gives the node, on a manager, the labels the hub shows and places services by."""
+    import shlex
+
+    added = " ".join(f"--label-add {shlex.quote(f'{k}={v}')}" for k, v in sorted(node_labels.items()))
+    return ["# On a manager, the labels the hub shows this node's GPUs with and places services by:",
+            f"docker node update {added} {shlex.quote(hostname)}"]
+
+
+def merge_daemon_config(existing: Mapping[str, Any], ours: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+    """`existing` daemon.json with `ours` (swarm.node_daemon_config): its other keys and labels kept; its
+    gpuspawner.* labels and the generic resources of NVIDIA kinds, or naming one of our devices, replaced.
+    Other generic resources stay."""
+    if not isinstance(existing, Mapping):
+        raise CLIError(f"{where} is not a JSON object")
+    for key in ("labels", "node-generic-resources"):
+        if not isinstance(existing.get(key, []), list):
+            raise CLIError(f"{where}: {key!r} is not a list")
+    devices = {entry.split("=", 1)[1] for entry in ours["node-generic-resources"]}
+
+    def stale(entry: object) -> bool:
+        kind, _, value = str(entry).partition("=")
+        return kind == swarm.GPU_KIND or kind.startswith(swarm.MIG_KIND_PREFIX) or value in devices
+
+    merged = dict(existing)
+    merged["node-generic-resources"] = [e for e in existing.get("node-generic-resources", []) if not stale(e)] + list(
+        ours["node-generic-resources"])
+    merged["labels"] = [e for e in existing.get("labels", []) if not str(e).startswith(labels.PREFIX)] + list(ours["labels"])
+    return merged
+
+
+def cmd_swarm_node_config(args: argparse.Namespace) -> int:
+    from .nvml import read_inventory
+
+    inventory = read_inventory()
+    if inventory.problem:
+        raise CLIError(f"no GPU to advertise: {inventory.problem}")
+    config = swarm.node_daemon_config(inventory)
+    if not config["node-generic-resources"]:
+        raise CLIError("no GPU to advertise: this host has no healthy GPU or MIG device (see nvidia-smi)")
+    if args.merge:
+        try:
+            existing = json.loads(Path(args.merge).read_text())
+        except OSError as e:
+            raise CLIError(f"cannot read {args.merge}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise CLIError(f"{args.merge} is not JSON: {e}") from None
+        config = merge_daemon_config(existing, config, where=args.merge)
+    print(json.dumps(config, indent=2))
+    runtime = config.get("default-runtime")
+    advice = runtime_advice(swarm.resource_variables(inventory), default_runtime=runtime if isinstance(runtime, str) else None)
+    advice += node_label_advice(swarm.node_labels(inventory), hostname=platform.node())
+    print("\n".join(advice), file=sys.stderr)
     return 0
 
 
@@ -373,7 +600,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpus = sub.add_parser("gpus", parents=[config], help="list the host's GPUs and which server holds each")
     gpus.add_argument("--hub-id", help="the hub's GPUSpawner.hub_id, if not the configured or derived one")
     gpus.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    gpus.add_argument(
+        "--swarm", action="store_true",
+        help="the devices every node of the Docker Swarm advertises, read from the manager the Docker settings "
+             "reach (DOCKER_HOST, or the default socket), with each device's node; drained, paused or down nodes "
+             "are listed apart",
+    )
     gpus.set_defaults(run=cmd_gpus)
+
+    node_config = sub.add_parser(
+        "swarm-node-config",
+        help="on a GPU node of a Docker Swarm: print the daemon.json that advertises its GPUs and MIG devices "
+             "(NVML), and, on stderr, the NVIDIA container runtime setting that hands them to containers and the "
+             "node labels to set on a manager",
+    )
+    node_config.add_argument(
+        "--merge", metavar="DAEMON_JSON",
+        help="an existing daemon.json (e.g. /etc/docker/daemon.json) to print with these settings merged in: its "
+             "other keys and labels are kept, its gpuspawner.* labels and NVIDIA generic resources replaced",
+    )
+    node_config.set_defaults(run=cmd_swarm_node_config)
 
     audit_cmd = sub.add_parser("audit", help="the reproducibility records of the hub's servers")
     audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)

@@ -51,20 +51,6 @@ def resolved_image(requested: str, inspection: Mapping[str, Any]) -> ResolvedIma
     )
 
 
-def registry_image(requested: str, distribution: Mapping[str, Any]) -> ResolvedImage:
-    """The facts of `requested` from its registry's answer (``GET /distribution/<name>/json``, the
-    manifest's descriptor): its repository digest, as on a swarm where the manager pulls nothing. The
-    image ID and labels are in the image's config, which only a node that pulls it reads."""
-    ref = images.parse_image(requested)
-    digest = str((distribution.get("Descriptor") or {}).get("digest") or "")
-    if not digest:
-        raise ValueError(f"the registry gave no digest for {requested}")
-    return ResolvedImage(
-        requested=requested, image_id="", repo_digest=ref.by_digest(digest),
-        note="Resolved in its registry by the swarm manager: the image ID is the one of the image that digest names.",
-    )
-
-
 @dataclass(frozen=True)
 class DeviceFacts:
     """The devices a spawn was granted, as the record keeps them, and the host's driver versions."""

@@ -19,13 +19,14 @@ Pure code: no docker, pynvml, jupyterhub or database imports.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .allocation import GPURequest, Holder
 from .audit import RecordedDevice
 from .devices import Device, Inventory
-from .labels import identity_from_labels
+from .labels import PREFIX, identity_from_labels
 
 GPU_KIND = "NVIDIA-GPU"
 MIG_KIND_PREFIX = "NVIDIA-MIG-"
@@ -84,9 +85,10 @@ class SwarmTask:
     state: str  # Status.State
     desired_state: str
     labels: Mapping[str, str]  # its service's labels
-    resources: tuple[tuple[str, str], ...]  # (kind, value) Swarm assigned it
+    resources: tuple[tuple[str, str], ...]  # (kind, value) Swarm assigned it (the task's GenericResources)
     address: str = ""  # its address on the hub's network, without the prefix length
     container_id: str = ""  # the container its node made for it
+    error: str = ""  # why it ended or waits, as Swarm says (Status.Err, else Status.Message)
 
     @property
     def holds(self) -> bool:
@@ -101,7 +103,7 @@ def named_resources(spec: Sequence[Mapping[str, object]] | None) -> tuple[tuple[
     found = []
     for entry in spec or ():
         named = entry.get("NamedResourceSpec")
-        if isinstance(named, Mapping):
+        if type(named) is dict or isinstance(named, Mapping):
             found.append((str(named.get("Kind", "")), str(named.get("Value", ""))))
     return tuple(found)
 
@@ -140,39 +142,53 @@ def task_from_api(task: Mapping[str, object], *, service_name: str = "", service
         # calls them "AssignedGenericResources".
         resources=named_resources(task.get("GenericResources") or task.get("AssignedGenericResources")),  # type: ignore[arg-type]
         address=address, container_id=str(_map(status.get("ContainerStatus")).get("ContainerID") or ""),
+        error=str(status.get("Err") or status.get("Message") or ""),
     )
 
 
 def _map(value: object) -> Mapping[str, object]:
-    return value if isinstance(value, Mapping) else {}
+    # JSON gives dicts: their exact type is checked first, as the ABC check costs more (a look reads ~1,000 tasks)
+    return value if type(value) is dict or isinstance(value, Mapping) else {}
+
+
+def holding(tasks: Iterable[Mapping[str, object]]) -> list[Mapping[str, object]]:
+    """The tasks of a Docker API listing that hold their resources (by their state), before the work of
+    reading each: on a swarm that keeps a long task history, most of a listing holds nothing."""
+    return [t for t in tasks if _map(t.get("Status")).get("State") in HOLDING_STATES]
 
 
 def cluster_inventory(nodes: Iterable[SwarmNode]) -> Inventory:
     """Every GPU and MIG device the schedulable nodes advertise, tagged with its node; drained, paused or
     down nodes add none (Swarm places nothing there). A node's model and memory come from its node labels,
     else from its engine's."""
-    devices = []
+    devices: list[Device] = []
     for node in sorted(nodes, key=lambda n: (n.hostname, n.id)):
-        if not node.schedulable:
-            continue
-        model = node.label(MODEL_LABEL) or "NVIDIA GPU"
-        index = 0
-        for kind, value in node.resources:
-            if kind == GPU_KIND:
-                devices.append(Device(uuid=value, index=index, name=model, memory_total=_bytes(node.label(MEMORY_LABEL)),
-                                      memory_used=0, node=node.id))
-            elif kind.startswith(MIG_KIND_PREFIX):
-                profile = kind.removeprefix(MIG_KIND_PREFIX)
-                devices.append(Device(
-                    uuid=value, index=index, name=f"{model} MIG {profile}", node=node.id,
-                    memory_total=_bytes(node.label(MIG_MEMORY_LABEL_PREFIX + profile)), memory_used=0,
-                    parent_uuid=f"{node.id}/{profile}", mig_profile=profile,
-                ))
-            else:
-                continue
-            index += 1
+        if node.schedulable:
+            said = {**node.engine_labels, **{k: v for k, v in node.labels.items() if v}}  # as node.label() reads them
+            devices += _node_devices(node.id, node.resources, tuple(sorted((k, v) for k, v in said.items() if k.startswith(PREFIX))))
     problem = None if devices else "no schedulable node of the swarm advertises GPUs"
     return Inventory(devices=tuple(devices), problem=problem)
+
+
+@functools.lru_cache(maxsize=1024)
+def _node_devices(node_id: str, resources: tuple[tuple[str, str], ...], said: tuple[tuple[str, str], ...]) -> tuple[Device, ...]:
+    """The devices one node advertises, given its gpuspawner labels. Remembered: a swarm's nodes seldom
+    change, and the hub builds the inventory at every form view and queue look (a thousand devices)."""
+    labels = dict(said)
+    model = labels.get(MODEL_LABEL) or "NVIDIA GPU"
+    devices: list[Device] = []
+    for kind, value in resources:
+        if kind == GPU_KIND:
+            devices.append(Device(uuid=value, index=len(devices), name=model, memory_total=_bytes(labels.get(MEMORY_LABEL)),
+                                  memory_used=0, node=node_id))
+        elif kind.startswith(MIG_KIND_PREFIX):
+            profile = kind.removeprefix(MIG_KIND_PREFIX)
+            devices.append(Device(
+                uuid=value, index=len(devices), name=f"{model} MIG {profile}", node=node_id,
+                memory_total=_bytes(labels.get(MIG_MEMORY_LABEL_PREFIX + profile)), memory_used=0,
+                parent_uuid=f"{node_id}/{profile}", mig_profile=profile,
+            ))
+    return tuple(devices)
 
 
 def _bytes(text: str | None) -> int:

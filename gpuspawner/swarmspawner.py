@@ -10,8 +10,8 @@ What changes is where the GPUs come from:
   ``NVIDIA-MIG-1g.10gb=1``), constrained to nodes of the GPU model the queue found free; Swarm
   places it and picks the UUIDs, which the spawner reads back from the task and records with the
   node, its engine's version and its driver;
-- the image is resolved in the registry by the manager (``docker manifest`` data, no pull) and the
-  service created from ``repo@sha256:…``, so every node runs the recorded image;
+- the manager pulls the image (as on one host) and the service is created from ``repo@sha256:…``, so
+  every node runs the recorded image;
 - a server is reached at its task's address on the hub's network, and is never restarted by Swarm
   (a server whose node fails ends, and its record says so).
 
@@ -22,6 +22,7 @@ the hub is on.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ from tornado import web
 from . import labels, reconcile, swarm
 from .allocation import Holder
 from .devices import Inventory
-from .facts import DeviceFacts, registry_image
+from .facts import DeviceFacts
 from .hubwide import resources
 from .injection import gpu_environment
 from .plan import SpawnPlan
@@ -70,13 +71,15 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
 
     async def device_claims(self, inventory: Inventory, *, max_age: float = 0) -> dict[str, Holder]:
         """UUID -> holder of every device a task of the swarm holds now (this hub's servers by their labels)."""
-        return swarm.cluster_claims(await self.swarm_tasks(), hub_id=self.hub_id)
+        return swarm.cluster_claims(await self.swarm_tasks(holding=True), hub_id=self.hub_id)
 
-    async def swarm_tasks(self, *, service: str | None = None) -> list[swarm.SwarmTask]:
-        """The swarm's tasks (of one service, by name), with their services' names and labels."""
-        filters = {"service": service} if service else None
-        services = {s["ID"]: s for s in await self.docker("services", filters=filters)}
-        tasks = await self.docker("tasks", filters=filters)
+    async def swarm_tasks(self, *, service: str | None = None, holding: bool = False) -> list[swarm.SwarmTask]:
+        """The swarm's tasks (of one service, by name; only those holding resources, where `holding`),
+        with their services' names and labels."""
+        services = {s["ID"]: s for s in await self.docker("services", filters={"name": service} if service else None)}
+        tasks = await self.docker("tasks", filters={"service": service} if service else None)
+        if holding:
+            tasks = swarm.holding(tasks)
         network = await self._network_id()
         return [swarm.task_from_api(t, service_name=services.get(t.get("ServiceID"), {}).get("Spec", {}).get("Name", ""),
                                     service_labels=services.get(t.get("ServiceID"), {}).get("Spec", {}).get("Labels") or {},
@@ -110,19 +113,12 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
         return env
 
     async def _resolve_image_for(self, plan: SpawnPlan) -> None:
-        """Resolve the plan's image to its digest in the registry (the manager asks it; nothing is pulled
-        here) and record it: every node then runs exactly that image."""
-        self.progress_log.say(f"Resolving image {plan.image} in its registry")
-        try:
-            found = registry_image(plan.image, await self.docker("inspect_distribution", plan.image))
-        except docker.errors.APIError as e:
-            raise web.HTTPError(500, f"Image {plan.image} cannot be resolved in its registry: {e.explanation or e}. "
-                                     "On a swarm every image must come from a registry all nodes reach.") from None
-        self.progress_log.say(f"Image {found.shown}")
-        self.spawn_image = found.repo_digest
-        self._settings_hash = plan.settings_hash(image=self.spawn_image or plan.image, image_id=found.image_id,
-                                                 devices=(), redact_names=self.audit_redact_names)
-        self.recorder.note_image(self.audit_record_id, found, docker_version=None)
+        """As GPUSpawner's (the manager pulls the image as ``pull_policy`` says, and the service is created
+        from its digest, so every node runs the recorded image); an image no registry has is refused."""
+        await super()._resolve_image_for(plan)
+        if not (self.spawn_image and "@sha256:" in self.spawn_image):
+            raise web.HTTPError(500, f"Image {plan.image} has no repository digest: on a swarm every image must come "
+                                     "from a registry all nodes reach (push it, and pin the profile to its digest).")
 
     async def create_object(self) -> dict[str, Any]:
         """The server's service: its image by digest, its devices as generic resources of the plan's kind,
@@ -151,7 +147,28 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             "create_service", template, name=self.service_name, labels=self.container_labels(),
             endpoint_spec=EndpointSpec(**{"mode": "dnsrr", **self.extra_endpoint_spec}), **self.extra_create_kwargs,
         )
+        await self._wait_for_task(lambda task: True)  # the service is there for the hub once it has a task
         return service
+
+    async def _wait_for_task(self, done: Any) -> dict[str, Any]:
+        """The service's task once `done(task)`, looked at every 0.1 s at first, then less often (up to
+        every 2 s); HTTP 500 if the task ended first (a server is never restarted). JupyterHub's
+        ``start_timeout`` bounds the wait."""
+        delay = 0.1
+        said = ""
+        while True:
+            task = await self.get_task()
+            if task is not None and done(task):
+                return dict(task)
+            state = str((task or {}).get("Status", {}).get("State", "")).lower()
+            error = str((task or {}).get("Status", {}).get("Err", ""))
+            if state in ENDED_STATES:
+                raise web.HTTPError(500, f"The server's task ended before it ran ({state}: {error or 'no reason given'}).")
+            if state == "pending" and error and error != said:  # no node has what it asks for, for now
+                self.progress_log.say(f"Swarm has not placed it yet: {error}")
+                said = error
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
 
     def _granted_model(self) -> str | None:
         """The model of the devices the queue found free for this spawn (its pending claim)."""
@@ -165,7 +182,7 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
     async def start_object(self) -> None:
         """Wait for Swarm to place and start the server; then record where it runs and which devices it got."""
         self.progress_log.say("Waiting for Swarm to place the server")
-        await SwarmSpawner.start_object(self)
+        await self._wait_for_task(lambda task: task["Status"]["State"] == "running")
         tasks = [t for t in await self.swarm_tasks(service=self.service_name) if t.holds]
         if not tasks:
             raise web.HTTPError(500, f"The service {self.service_name} runs no task; tell an admin.")
@@ -226,10 +243,16 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             if node.ready:
                 return None
             return Ending("died", f"The node it ran on, {node.hostname}, is down: its engine does not answer the manager.")
-        ended = sorted(tasks, key=lambda t: t.id)[-1:] if tasks else []
-        if not ended:
+        if not tasks:
             return Ending("died", "Its service has no task any more.")
-        return Ending("died", f"Its task ended ({ended[0].state}).")
+        task = tasks[-1]
+        where = task.node_id
+        try:
+            node = swarm.node_from_api(await self.docker("inspect_node", task.node_id))
+            where = node.hostname + ("" if node.ready else ", which is down")
+        except docker.errors.APIError:
+            pass
+        return Ending("died", f"Its task on node {where} ended ({task.state}{': ' + task.error if task.error else ''}).")
 
     # --- This hub's services, for its reconciliation (gpuspawner.upkeep) -------------------------------
 

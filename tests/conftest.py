@@ -7,6 +7,7 @@ or a missing piece of the test bed fails them instead.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -73,15 +74,10 @@ def start_hub(
     hub_id = "test-" + secrets.token_hex(4)
 
     def start(*, extra: str = "", timeout: float = 60, **settings_overrides: Any) -> RunningHub:
-        settings = HubSetup(
-            workdir=tmp_path,
-            image=singleuser_image,
-            hub_ip=docker_bed.bridge_gateway,
-            token=hub_token,
-            hub_id=hub_id,
-            extra=extra,
-            **settings_overrides,
-        )
+        settings = HubSetup(**{
+            "workdir": tmp_path, "image": singleuser_image, "hub_ip": docker_bed.bridge_gateway, "token": hub_token,
+            "hub_id": hub_id, "extra": extra, **settings_overrides,
+        })
         hub = RunningHub(settings)
         hubs.append(hub)
         return hub.start(timeout=timeout)
@@ -156,3 +152,25 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, empty PostgreSQL database for this test: its SQLAlchemy URL (postgresql+psycopg://…)."""
     return postgres_server.create_database()
+
+
+from testbed.swarm import SwarmBed, SwarmBedError  # noqa: E402  (appended with its fixture)
+
+
+@pytest.fixture(scope="session")
+def swarm_bed(docker_bed: DockerBed, light_image: str) -> Iterator[SwarmBed]:
+    """The multi-host test bed (tests/testbed/swarm.py), once per session: a Swarm manager and two GPU
+    workers (2 GPUs each, worker1 also a MIG slice), each a Docker engine of its own on this machine."""
+    if os.geteuid() != 0:
+        unavailable("the Swarm test bed needs root (it adds a network interface and enters namespaces)")
+    for tool, package in (("docker-registry", "docker-registry"), ("ip", "iproute2"), ("nsenter", "util-linux")):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (Debian package {package})")
+    bed = SwarmBed(base_image=light_image)
+    try:
+        bed.start()
+    except SwarmBedError as e:
+        pytest.fail(f"the Swarm test bed did not start: {e}", pytrace=False)
+    yield bed
+    bed.stop()
+    assert bed.leftovers() == []

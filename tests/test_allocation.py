@@ -210,3 +210,72 @@ def test_quota_counts_the_users_other_servers() -> None:
     # a server's own earlier devices do not count against it; CPU-only never does
     assert quota_refusal(GPURequest(count=1), claims, holder=Holder("ada", "train"), quota=2) is None
     assert quota_refusal(GPURequest(), claims, holder=Holder("ada", "new"), quota=0) is None
+
+
+# --- Several nodes (a Docker Swarm): one server's devices are all on one node --------------------------
+
+
+def on(node: str, *numbers: int) -> list[Device]:
+    """GPUs of one node of a swarm (the bus order puts lower numbers first, whatever the node)."""
+    return [gpu(n, node=node) for n in numbers]
+
+
+@pytest.mark.parametrize(
+    ("request_", "devices", "claims", "expected"),
+    [
+        # 2 free in all, one on each node: the request fits no node
+        (GPURequest(count=2), on("n1", 0, 1) + on("n2", 2, 3), {"GPU-1": Holder("bob"), "GPU-3": Holder("eve")}, None),
+        (GPURequest(count=2), on("n1", 0, 1) + on("n2", 2, 3, 4), {"GPU-1": Holder("bob")}, ("GPU-2", "GPU-3")),
+        (GPURequest(count=3), on("n1", 0, 1, 2) + on("n2", 3, 4, 5), {"GPU-0": Holder("bob"), "GPU-4": Holder("eve")}, None),
+        (GPURequest(count=4), on("n1", 0, 1, 2, 3) + on("n2", 4, 5), {}, ("GPU-0", "GPU-1", "GPU-2", "GPU-3")),
+    ],
+    ids=["one-free-on-each-node-refused", "served-on-the-node-that-has-two", "three-never-split-two-plus-one",
+         "four-on-the-node-with-four"],
+)
+def test_a_multi_gpu_server_gets_all_its_gpus_on_one_node(
+    request_: GPURequest, devices: list[Device], claims: dict[str, Holder], expected: tuple[str, ...] | None,
+) -> None:
+    result = run(request_, inv(*devices), claims)
+    if expected is None:
+        assert isinstance(result, Refusal), f"granted across nodes: {result}"
+    else:
+        assert granted(result) == expected
+        assert len({d.node for d in result.devices}) == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("devices", "claims", "expected"),
+    [
+        (on("n1", 0, 1, 2, 3) + on("n2", 4, 5), {"GPU-5": Holder("bob")}, ("GPU-4",)),
+        (on("n1", 0, 1) + on("n2", 2, 3, 4, 5), {"GPU-1": Holder("bob")}, ("GPU-0",)),
+        (on("n2", 0, 1) + on("n1", 2, 3), {}, ("GPU-2",)),
+    ],
+    ids=["goes-to-the-node-with-one-free", "first-node-has-fewer-free", "a-tie-goes-to-the-first-node-by-id"],
+)
+def test_a_one_gpu_server_goes_where_fewest_are_free_so_a_whole_node_stays_for_big_requests(
+    devices: list[Device], claims: dict[str, Holder], expected: tuple[str, ...],
+) -> None:
+    inventory = inv(*devices)
+    assert granted(run(GPURequest(count=1), inventory, claims)) == expected
+
+
+def test_after_small_servers_a_four_gpu_server_still_finds_a_whole_node() -> None:
+    inventory = inv(*on("n1", 0, 1, 2, 3), *on("n2", 4, 5, 6, 7))
+    claims: dict[str, Holder] = {}
+    for user in ("bob", "cyd", "dan"):  # three 1-GPU servers, one after another
+        result = allocate(GPURequest(count=1), inventory, claims, holder=Holder(user), busy_memory_threshold=THRESHOLD)
+        claims.update((u, Holder(user)) for u in granted(result))
+    assert len({inventory.by_uuid()[u].node for u in claims}) == 1
+    assert len(granted(run(GPURequest(count=4), inventory, claims))) == 4
+
+
+def test_on_one_host_the_devices_of_the_hub_s_own_engine_count_as_one_node() -> None:
+    assert granted(run(GPURequest(count=2), inv(gpu(0), gpu(1)), {})) == ("GPU-0", "GPU-1")
+
+
+def test_topology_is_weighed_only_among_the_gpus_of_the_chosen_node() -> None:
+    # GPU-0 and GPU-4 would be close if they were on one host; on two nodes they cannot go together.
+    topology = {frozenset(("GPU-0", "GPU-4")): 10, frozenset(("GPU-4", "GPU-5")): 50, frozenset(("GPU-5", "GPU-6")): 10,
+                frozenset(("GPU-4", "GPU-6")): 50}
+    inventory = inv(*on("n1", 0), *on("n2", 4, 5, 6), topology=topology)
+    assert granted(run(GPURequest(count=2), inventory)) == ("GPU-5", "GPU-6")

@@ -105,3 +105,46 @@ def test_ordinals(n: int, text: str) -> None:
 
 def test_kept_devices_are_not_anyones_claim() -> None:
     assert KEPT.user == ""
+
+
+# --- Several nodes (a Docker Swarm): a waiter is served on one node or waits for one ------------------
+
+
+def node_gpus(node: str, *numbers: int, unhealthy: tuple[int, ...] = ()) -> list[Device]:
+    return [Device(uuid=f"GPU-{n}", index=n, name="NVIDIA A100-SXM4-80GB", memory_total=80 * GiB, memory_used=0,
+                   pci_bus_id=f"00000000:{0x10 + n:02X}:00.0", node=node, healthy=n not in unhealthy) for n in numbers]
+
+
+def test_a_two_gpu_waiter_waits_while_the_free_gpus_are_on_different_nodes() -> None:
+    cluster = inv(*node_gpus("n1", 0, 1), *node_gpus("n2", 2, 3))
+    line = [waiter("ada", TWO, joined=1)]
+    split = serve(line, cluster, held("GPU-1", "GPU-3"), busy_memory_threshold=THRESHOLD)
+    assert granted(split) == {} and split.refused == {} and split.places == {"ada": 1}
+    freed = serve(line, cluster, held("GPU-3"), busy_memory_threshold=THRESHOLD)  # n1 is whole again
+    assert granted(freed) == {"ada": ("GPU-0", "GPU-1")}
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [node_gpus("n1", 0) + node_gpus("n2", 1),
+     node_gpus("n1", 0, 1, unhealthy=(1,)) + node_gpus("n2", 2, 3, unhealthy=(2,)),
+     node_gpus("n1", 0) + node_gpus("n2", 1) + node_gpus("n3", 2)],
+    ids=["one-gpu-on-each-of-two-nodes", "one-healthy-on-each-node", "one-on-each-of-three-nodes"],
+)
+def test_a_request_no_single_node_could_ever_serve_leaves_the_queue(devices: list[Device]) -> None:
+    turn = serve([waiter("ada", TWO)], inv(*devices), {}, busy_memory_threshold=THRESHOLD)
+    assert granted(turn) == {} and "ada" in turn.refused and turn.places == {}
+
+
+def test_the_refusal_of_a_request_no_node_could_ever_serve_says_waiting_will_not_help() -> None:
+    turn = serve([waiter("ada", TWO)], inv(*node_gpus("n1", 0), *node_gpus("n2", 1)), {}, busy_memory_threshold=THRESHOLD)
+    assert "Try again" not in turn.refused["ada"]
+    assert "No node has that many healthy devices of this kind" in turn.refused["ada"]
+
+
+def test_a_one_gpu_waiter_behind_is_served_on_a_node_the_head_cannot_use_yet() -> None:
+    # ada needs 2 on one node: the first free GPU of n1 and of n2 are kept for her, whichever node frees up first.
+    cluster = inv(*node_gpus("n1", 0, 1), *node_gpus("n2", 2, 3), *node_gpus("n3", 4))
+    line = [waiter("ada", TWO, joined=1), waiter("bob", ONE, joined=2)]
+    turn = serve(line, cluster, held("GPU-1", "GPU-3"), busy_memory_threshold=THRESHOLD)
+    assert granted(turn) == {"bob": ("GPU-4",)} and turn.places == {"ada": 1}

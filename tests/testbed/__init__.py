@@ -91,20 +91,27 @@ class Registry:
     address: str
 
     @classmethod
-    def start(cls, binary: str, workdir: Path) -> Registry:
-        port = free_port()
-        config = workdir / "config.yml"
+    def start(cls, binary: str, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+              storage: Path | None = None, name: str = "registry", wait: bool = True) -> Registry:
+        """Serve on host:port (a free port on loopback by default) from `storage` (default: workdir/data);
+        several registries may serve one storage folder, each at its own address."""
+        port = port or free_port()
+        config = workdir / f"{name}.yml"
         config.write_text(
             "version: 0.1\n"
             "log: {level: warn}\n"
-            f"storage: {{filesystem: {{rootdirectory: {workdir / 'data'}}}, delete: {{enabled: true}}}}\n"
-            f"http: {{addr: '127.0.0.1:{port}'}}\n"
+            f"storage: {{filesystem: {{rootdirectory: {storage or workdir / 'data'}}}, delete: {{enabled: true}}}}\n"
+            f"http: {{addr: '{host}:{port}'}}\n"
         )
-        log = open(workdir / "registry.log", "wb")
+        log = open(workdir / f"{name}.log", "wb")
         process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        reg = cls(process=process, address=f"127.0.0.1:{port}")
-        wait_for(reg._answers, timeout=30, what=f"docker-registry on {reg.address}")
+        reg = cls(process=process, address=f"{host}:{port}")
+        if wait:
+            reg.wait()
         return reg
+
+    def wait(self) -> None:
+        wait_for(self._answers, timeout=30, what=f"docker-registry on {self.address}")
 
     def _answers(self) -> bool:
         try:
@@ -123,5 +130,10 @@ class Registry:
         return str(r.headers["Docker-Content-Digest"])
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
