@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gpuspawner.store import AuditStore
-from helpers import read_progress
+from helpers import login, read_progress
 from testbed import free_port, wait_for
 from testbed.hub import BIN, RunningHub
 from testbed.swarm import SwarmBed
@@ -128,6 +128,9 @@ def test_a_two_gpu_profile_lands_on_one_node_and_the_mig_profile_gets_its_slice(
     hub = swarm_hub()
     assert hub.spawn("ada", options={"profile": "one"}).status_code in (201, 202)
     hub.wait_ready("ada", timeout=180)
+    # the spawn form counts the whole swarm: ada holds one of the two workers' four GPUs
+    form = login(hub, "frank", then="/hub/home").get(f"{hub.url}/hub/spawn", timeout=60).text
+    assert form.count("3 of 4 GPUs free") == 2 and "1 of 1 MIG 1g.10gb free" in form
     assert hub.spawn("bob", options={"profile": "two"}).status_code in (201, 202)
     assert hub.spawn("cyd", options={"profile": "mig"}).status_code in (201, 202)
     hub.wait_ready("bob", timeout=180)
