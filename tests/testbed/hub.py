@@ -91,7 +91,8 @@ c.DockerSpawner.prefix = {'t-' + s.hub_id!r}
         )
 
     def start(self, *, timeout: float = 60) -> RunningHub:
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.settings.env}
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.settings.env,
+               "PYTHONFAULTHANDLER": "1"}  # a crash of the hub process leaves its threads' stacks in hub.log
         log = open(self.log_file, "ab")
         command = [str(BIN / "jupyterhub"), "-f", str(self.config_file), *(["--debug"] if self.settings.debug else [])]
         if self.settings.hostname:  # as a hub whose container was recreated: same data, another host name
