@@ -176,12 +176,8 @@ def main() -> None:
     def read_nodes() -> list[swarm.SwarmNode]:
         return [swarm.node_from_api(n) for n in nodes]
 
-    def read_tasks() -> list[swarm.SwarmTask]:
-        by_id = {s["ID"]: s for s in services}  # as GPUSwarmSpawner.swarm_tasks
-        return [swarm.task_from_api(t, service_name=by_id.get(t.get("ServiceID"), {}).get("Spec", {}).get("Name", ""),
-                                    service_labels=by_id.get(t.get("ServiceID"), {}).get("Spec", {}).get("Labels") or {},
-                                    network_id=NETWORK)
-                for t in tasks]
+    def read_tasks() -> list[swarm.SwarmTask]:  # as GPUSwarmSpawner.swarm_tasks
+        return swarm.tasks_from_api(tasks, services, network_id=NETWORK)
 
     swarm_nodes, swarm_tasks = read_nodes(), read_tasks()
     inventory = swarm.cluster_inventory(swarm_nodes)
@@ -199,11 +195,7 @@ def main() -> None:
                             last_choice=None)
 
     def read_holding_tasks() -> list[swarm.SwarmTask]:  # as GPUSwarmSpawner.device_claims
-        by_id = {s["ID"]: s for s in services}
-        return [swarm.task_from_api(t, service_name=by_id.get(t.get("ServiceID"), {}).get("Spec", {}).get("Name", ""),
-                                    service_labels=by_id.get(t.get("ServiceID"), {}).get("Spec", {}).get("Labels") or {},
-                                    network_id=NETWORK)
-                for t in swarm.holding(tasks)]
+        return swarm.tasks_from_api(swarm.holding(tasks), services, network_id=NETWORK)
 
     def whole_step() -> object:
         inv = swarm.cluster_inventory(read_nodes())

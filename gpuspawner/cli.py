@@ -246,14 +246,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()).rstrip(".")
 
 
-def swarm_tasks(services: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]]) -> list[swarm.SwarmTask]:
-    """The tasks with their services' names and labels."""
-    specs = {s.get("ID"): s.get("Spec") or {} for s in services}
-    return [swarm.task_from_api(t, service_name=str(specs.get(t.get("ServiceID"), {}).get("Name", "")),
-                                service_labels=specs.get(t.get("ServiceID"), {}).get("Labels") or {})
-            for t in tasks]
-
-
 def swarm_report(
     nodes: Sequence[Mapping[str, Any]], services: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]], *,
     hub_id: str, busy_memory_threshold: int,
@@ -263,7 +255,7 @@ def swarm_report(
     from .claims import profiles_of_servers
 
     found = [swarm.node_from_api(n) for n in nodes]
-    holding = [t for t in swarm_tasks(services, tasks) if t.holds]
+    holding = [t for t in swarm.tasks_from_api(tasks, services) if t.holds]
     inventory = swarm.cluster_inventory(found)
     claims = swarm.cluster_claims(holding, hub_id=hub_id)
     rows = device_rows(

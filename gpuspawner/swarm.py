@@ -146,6 +146,17 @@ def task_from_api(task: Mapping[str, object], *, service_name: str = "", service
     )
 
 
+def tasks_from_api(tasks: Iterable[Mapping[str, object]], services: Iterable[Mapping[str, object]], *,
+                   network_id: str = "") -> list[SwarmTask]:
+    """The tasks of a Docker API listing, each with its service's name and labels (from the services
+    listing) and its address on the network `network_id`."""
+    specs = {s.get("ID"): _map(s.get("Spec")) for s in services}
+    return [task_from_api(t, service_name=str(specs.get(t.get("ServiceID"), {}).get("Name", "")),
+                          service_labels=_map(specs.get(t.get("ServiceID"), {}).get("Labels")),  # type: ignore[arg-type]
+                          network_id=network_id)
+            for t in tasks]
+
+
 def _map(value: object) -> Mapping[str, object]:
     # JSON gives dicts: their exact type is checked first, as the ABC check costs more (a look reads ~1,000 tasks)
     return value if type(value) is dict or isinstance(value, Mapping) else {}

@@ -39,7 +39,7 @@ from .hubwide import resources
 from .injection import gpu_environment
 from .plan import SpawnPlan
 from .reconcile import Ending
-from .spawner import GPUSpawner
+from .spawner import GPUSpawner, _records
 
 ENDED_STATES = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
 
@@ -76,15 +76,9 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
     async def swarm_tasks(self, *, service: str | None = None, holding: bool = False) -> list[swarm.SwarmTask]:
         """The swarm's tasks (of one service, by name; only those holding resources, where `holding`),
         with their services' names and labels."""
-        services = {s["ID"]: s for s in await self.docker("services", filters={"name": service} if service else None)}
+        services = await self.docker("services", filters={"name": service} if service else None)
         tasks = await self.docker("tasks", filters={"service": service} if service else None)
-        if holding:
-            tasks = swarm.holding(tasks)
-        network = await self._network_id()
-        return [swarm.task_from_api(t, service_name=services.get(t.get("ServiceID"), {}).get("Spec", {}).get("Name", ""),
-                                    service_labels=services.get(t.get("ServiceID"), {}).get("Spec", {}).get("Labels") or {},
-                                    network_id=network)
-                for t in tasks]
+        return swarm.tasks_from_api(swarm.holding(tasks) if holding else tasks, services, network_id=await self._network_id())
 
     async def _network_id(self) -> str:
         if not self.network_name:
@@ -221,7 +215,7 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             return None
         resources.containers_changed()
         if not self._spawning:
-            for record_id in filter(None, {self.audit_record_id, _service_record(service)}):
+            for record_id in _records(self.audit_record_id, service):
                 await self.recorder.finish(record_id, ending)
             if service is not None:
                 await self.remove_object()
@@ -290,7 +284,3 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
 
     def named_ending(self, ending: Ending, container: dict[str, Any] | None) -> Ending:
         return ending  # the record named the service and its task's container when it started
-
-
-def _service_record(service: dict[str, Any] | None) -> str:
-    return "" if service is None else str((service.get("Spec", {}).get("Labels") or {}).get(labels.RECORD, ""))
