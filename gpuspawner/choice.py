@@ -46,6 +46,13 @@ class UserChoice(DockerPath):
 
         return options_from_form
 
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        """Nothing for JupyterHub to apply: the options are this spawner's own, checked and applied when the
+        server starts (the profile, or DockerSpawner's image choice), so the hub no longer warns of
+        "unhandled user_options" at every spawn. An admin's own ``apply_user_options`` still runs."""
+        return _applied_at_start
+
     @property
     def group_names(self) -> list[str]:
         """The JupyterHub groups of this server's user (who may use which profile, GPU quotas)."""
@@ -115,3 +122,7 @@ class UserChoice(DockerPath):
             if e.log_message and e.log_message.startswith(head):
                 raise web.HTTPError(e.status_code, f"Image {userinput.quote(image)} {e.log_message[len(head):]}") from None
             raise
+
+
+def _applied_at_start(spawner: UserChoice, user_options: dict[str, Any]) -> None:
+    """UserChoice's ``apply_user_options``: its start applies them."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -22,6 +23,8 @@ from traitlets import default, validate
 from . import injection, labels, settings
 from .hubwide import resources
 from .traits import GPUSpawnerConfig, checked
+
+_client_lock = threading.Lock()  # held while the hub's Docker client is made (see DockerPath.client)
 
 
 class DockerPath(GPUSpawnerConfig, DockerSpawner):  # type: ignore[misc]  # dockerspawner ships no type hints
@@ -90,6 +93,18 @@ class DockerPath(GPUSpawnerConfig, DockerSpawner):  # type: ignore[misc]  # dock
         except injection.InjectionError as e:
             self.log.error("Refused to create the container of %s: %s", self._log_name, e)
             raise web.HTTPError(500, f"{e} The server was not created; tell an admin.") from None
+
+    @property
+    def client(self) -> Any:
+        """The hub's Docker client, made by the first call that needs it while any others at once wait for it.
+
+        DockerSpawner makes it lazily without a lock, so servers whose first Docker calls came together (a
+        restarted hub checks all its servers at once) each made one and rebound the class attribute that
+        holds it. On CPython 3.11 a replaced client freed while another thread reads that attribute is a
+        use-after-free: the hub died of SIGSEGV.
+        """
+        with _client_lock:
+            return super().client
 
     @property
     def executor(self) -> ThreadPoolExecutor:

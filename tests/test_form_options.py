@@ -42,3 +42,19 @@ def test_an_admins_own_options_from_form_is_used(section: str, profiles: list[di
     config: dict[str, dict[str, Any]] = {"GPUSpawner": {"profiles": profiles}}
     config.setdefault(section, {})["options_from_form"] = admin_form
     assert options(config, {"size": ["cpu"]}) == {"profile": "cpu", "by": "gpuspawner-caretaker"}
+
+
+async def test_the_hub_does_not_warn_that_a_chosen_profile_is_unhandled(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    spawner = checked_config(Config({"GPUSpawner": {"profiles": PROFILES}}))
+    spawner.user = SimpleNamespace(name="ada")
+    await spawner._run_apply_user_options({"profile": "cpu"})
+    assert not [r.getMessage() for r in caplog.records if "unhandled user_options" in r.getMessage()]
+
+
+async def test_an_admins_own_apply_user_options_still_runs() -> None:
+    applied: list[dict[str, Any]] = []
+    spawner = checked_config(Config({"GPUSpawner": {"profiles": PROFILES}, "Spawner": {"apply_user_options": lambda s, o: applied.append(o)}}))
+    await spawner._run_apply_user_options({"profile": "cpu"})
+    assert applied == [{"profile": "cpu"}]
