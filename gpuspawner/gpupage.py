@@ -125,6 +125,7 @@ class Device:
     index: str
     model: str  # "NVIDIA A100-SXM4-80GB"; a MIG device's ends in " MIG <profile>"
     mig_profile: str = ""  # "" for a whole GPU
+    node: str = ""  # the swarm node's host name; "" on one host
     parent_uuid: str = ""  # a MIG device's GPU
     utilization: float | None = None  # 0..1; None where NVML gives none (MIG devices)
     memory_used: float | None = None
@@ -185,7 +186,7 @@ def parse_metrics(text: str, *, read_at: float) -> Snapshot:
         state = states.get(uuid) or ("held" if holder else "free")
         key = (holder.user, holder.server) if holder else None
         devices.append(Device(
-            uuid=uuid, index=lb.get("index", ""), model=lb.get("model", ""), mig_profile=lb.get("mig_profile", ""),
+            uuid=uuid, index=lb.get("index", ""), model=lb.get("model", ""), mig_profile=lb.get("mig_profile", ""), node=lb.get("node", ""),
             parent_uuid=lb.get("parent_uuid", ""), utilization=utilization.get((uuid,)),
             memory_used=used.get((uuid,)), memory_total=total.get((uuid,)), holder=holder,
             state="MIG" if state == "mig" else state, idle_seconds=idle.get(key) if key else None, time_left_seconds=left.get(key) if key else None,
@@ -198,9 +199,9 @@ def parse_metrics(text: str, *, read_at: float) -> Snapshot:
     )
 
 
-def _device_order(d: Device) -> tuple[int, str, int, str]:
+def _device_order(d: Device) -> tuple[str, int, str, int, str]:
     index = int(d.index) if d.index.isdigit() else 1 << 30
-    return (index, d.parent_uuid or d.uuid, 1 if d.parent_uuid else 0, d.uuid)
+    return (d.node, index, d.parent_uuid or d.uuid, 1 if d.parent_uuid else 0, d.uuid)
 
 
 def http_failure(code: int, reason: str, body: bytes, *, url: str) -> str:
@@ -265,6 +266,7 @@ class History:
 class Row:
     """One device's table row, as text (and its chart, an SVG)."""
 
+    node: str
     index: str
     model: str
     mig_profile: str
@@ -294,6 +296,7 @@ class MonthUsage:
 @dataclass(frozen=True)
 class PageView:
     rows: tuple[Row, ...]
+    nodes: bool  # the devices are on several hosts (a swarm): the table has a Node column
     summary: tuple[str, ...]  # "NVIDIA A100-SXM4-80GB: 1 free, 1 held"
     queue: tuple[str, ...]  # "a100-2: 2 waiting"
     notes: tuple[str, ...]  # how old the readings are, where the charts start
@@ -326,7 +329,7 @@ def page_view(
     rows = tuple(_row(d, history, now=now, started_at=started_at, period=period) for d in (snapshot.devices if snapshot else ()))
     queue = tuple(f"{p or '(no profile)'}: {n} waiting" for p, n in sorted((snapshot.queue if snapshot else {}).items()))
     return PageView(
-        rows=rows, summary=_summary(snapshot), queue=queue, notes=tuple(notes), error=error, usage_chart=Markup(_usage_chart(usage)),
+        rows=rows, nodes=any(r.node for r in rows), summary=_summary(snapshot), queue=queue, notes=tuple(notes), error=error, usage_chart=Markup(_usage_chart(usage)),
         usage_title=f"GPU-hours by user, {usage.since:%B %Y}",
         usage_note=(f"From {usage.since:%Y-%m-%d %H:%M} UTC to {usage.until:%Y-%m-%d %H:%M} UTC, from the audit records: "
                     "running servers count up to now, a MIG slice counts its share of its GPU."),
@@ -345,7 +348,7 @@ def _row(d: Device, history: History, *, now: float, started_at: float, period: 
         chart = ""  # NVML reports no utilisation for MIG devices
     left = d.time_left_seconds
     return Row(
-        index=d.index, model=d.model.removesuffix(f" MIG {d.mig_profile}"),
+        node=d.node, index=d.index, model=d.model.removesuffix(f" MIG {d.mig_profile}"),
         mig_profile=f"MIG {d.mig_profile}" if d.mig_profile else "", uuid=d.uuid,
         state=d.state, holder=d.holder.server_name if d.holder else "", profile=d.holder.profile if d.holder else "",
         utilization=charts.percent(d.utilization) if d.utilization is not None else "n/a",

@@ -60,27 +60,37 @@ async def engine_claims(call: Docker, hub_id: str, inventory: Inventory, *, max_
 
     This hub's containers hold what their labels say; any other running container (another
     hub's, a ``docker run --gpus``) what its DeviceRequests name. A container's requests
-    never change, so each other container is inspected once, when first seen. An allocation
-    reads the engine now (`max_age` 0); the spawn form may show what was read up to `max_age`
-    seconds ago, so a burst of form views costs one listing.
+    never change, so each other container is inspected once, when first seen.
     """
+
+    async def read() -> dict[str, Holder]:
+        running = await call("containers")
+        others = [c for c in running if (c.get("Labels") or {}).get(labels.HUB) != hub_id]
+        for c in others:
+            if c["Id"] not in resources.foreign:
+                try:
+                    resources.foreign[c["Id"]] = await call("inspect_container", c["Id"])
+                except docker.errors.NotFound:
+                    continue
+        ids = {c["Id"] for c in others}
+        for gone in set(resources.foreign) - ids:
+            del resources.foreign[gone]
+        claims = foreign_claims([resources.foreign[i] for i in ids if i in resources.foreign], inventory)
+        claims.update(claims_from_containers(running, hub_id=hub_id))
+        return claims
+
+    return await remembered_claims(hub_id, read, max_age=max_age)
+
+
+async def remembered_claims(hub_id: str, read: Callable[[], Awaitable[dict[str, Holder]]], *, max_age: float) -> dict[str, Holder]:
+    """The claims `read` finds now, kept as the engine's (or swarm's) last read for the hub's metrics (what
+    another container holds is busy outside the hub). An allocation reads now (`max_age` 0); the spawn form
+    may show what was read up to `max_age` seconds ago, so a burst of form views costs one listing."""
     seen_at, seen = resources.engine_claims.get(hub_id, (0.0, {}))
     if max_age > 0 and time.monotonic() - seen_at <= max_age:
         return dict(seen)
     read_at = time.monotonic()
-    running = await call("containers")
-    others = [c for c in running if (c.get("Labels") or {}).get(labels.HUB) != hub_id]
-    for c in others:
-        if c["Id"] not in resources.foreign:
-            try:
-                resources.foreign[c["Id"]] = await call("inspect_container", c["Id"])
-            except docker.errors.NotFound:
-                continue
-    ids = {c["Id"] for c in others}
-    for gone in set(resources.foreign) - ids:
-        del resources.foreign[gone]
-    claims = foreign_claims([resources.foreign[i] for i in ids if i in resources.foreign], inventory)
-    claims.update(claims_from_containers(running, hub_id=hub_id))
+    claims = await read()
     resources.engine_claims[hub_id] = (read_at, claims)
     return dict(claims)
 

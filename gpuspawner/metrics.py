@@ -4,7 +4,8 @@ JupyterHub serves its registry at ``/hub/metrics``; with ``authenticate_promethe
 default) a scraper needs a token with the ``read:metrics`` scope. Importing this module adds
 gpuspawner's series to it:
 
-- ``gpuspawner_device_info{uuid,index,model,mig_profile,parent_uuid}`` (1 per device),
+- ``gpuspawner_device_info{uuid,node,index,model,mig_profile,parent_uuid}`` (1 per device; ``node``: the
+  swarm node's host name, empty on one host),
   ``gpuspawner_device_utilization_ratio{uuid}``, ``gpuspawner_device_memory_used_bytes{uuid}``,
   ``gpuspawner_device_memory_total_bytes{uuid}``: every device NVML lists, by UUID, so they join
   with NVIDIA's DCGM exporter's series by UUID.
@@ -60,8 +61,8 @@ class GPUCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         readings = resources.readings
-        info = GaugeMetricFamily("gpuspawner_device_info", "A device NVML lists (1)",
-                                 labels=["uuid", "index", "model", "mig_profile", "parent_uuid"])
+        info = GaugeMetricFamily("gpuspawner_device_info", "A device NVML lists, or a swarm node advertises (1)",
+                                 labels=["uuid", "node", "index", "model", "mig_profile", "parent_uuid"])
         utilization = GaugeMetricFamily("gpuspawner_device_utilization_ratio",
                                         "The device's utilisation at the hub's last sample (0-1)", labels=["uuid"])
         used = GaugeMetricFamily("gpuspawner_device_memory_used_bytes", "Device memory in use", labels=["uuid"])
@@ -72,7 +73,7 @@ class GPUCollector(Collector):
                                   "A device's state (1): free, held, busy (outside the hub), unhealthy, or mig (a GPU "
                                   "in MIG mode, handed out by its MIG devices)", labels=["uuid", "state"])
         for d in readings.devices:
-            info.add_metric([d.uuid, str(d.index), d.model, d.mig_profile, d.parent_uuid], 1)
+            info.add_metric([d.uuid, d.node, str(d.index), d.model, d.mig_profile, d.parent_uuid], 1)
             device_state.add_metric([d.uuid, d.state], 1)
             if d.utilization is not None:
                 utilization.add_metric([d.uuid], d.utilization / 100)

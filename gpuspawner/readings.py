@@ -40,6 +40,7 @@ class DeviceReading:
     user: str = ""  # the holder, for a device held by a server of this hub
     server: str = ""
     profile: str = ""
+    node: str = ""  # the host name of the swarm node that has it; "" for the hub's own host
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ def model_of(device: Device) -> str:
 
 def device_readings(
     inventory: Inventory, claims: Mapping[str, Holder], profiles: Mapping[Holder, str], *, busy_memory_threshold: int,
+    node_names: Mapping[str, str] | None = None,
 ) -> tuple[DeviceReading, ...]:
     """Every device of `inventory` with its state, as ``gpuspawner gpus`` decides it (a device another
-    container holds, a holder with no user, is busy outside the hub), and its holder's profile."""
+    container holds, a holder with no user, is busy outside the hub), its holder's profile, and its node
+    by host name (`node_names`: a swarm's node ids to host names)."""
     found = []
     for d in inventory.devices:
         holder = claims.get(d.uuid)
@@ -88,7 +91,7 @@ def device_readings(
             uuid=d.uuid, index=d.index, model=model_of(d), mig_profile=d.mig_profile or "", parent_uuid=d.parent_uuid or "",
             utilization=d.utilization, memory_used=d.memory_used, memory_total=d.memory_total, state=state,
             user=holder.user if holder else "", server=holder.server if holder else "",
-            profile=profiles.get(holder, "") if holder else "",
+            profile=profiles.get(holder, "") if holder else "", node=(node_names or {}).get(d.node, d.node),
         ))
     return tuple(found)
 

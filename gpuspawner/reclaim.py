@@ -142,7 +142,8 @@ def publish(inventory: Inventory, spawners: list[GPUSpawner], servers: list[Serv
     claims = resources.book.merged(claims)
     resources.readings = Readings(
         taken_at=now, problem=inventory.problem or "", servers=tuple(servers),
-        devices=device_readings(inventory, claims, profiles, busy_memory_threshold=busy_memory_threshold),
+        devices=device_readings(inventory, claims, profiles, busy_memory_threshold=busy_memory_threshold,
+                                node_names={n.id: n.hostname for n in resources.swarm_nodes[1] or ()}),
     )
 
 

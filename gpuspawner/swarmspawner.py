@@ -35,6 +35,7 @@ from . import labels, reconcile, swarm
 from .allocation import Holder
 from .devices import Inventory
 from .facts import DeviceFacts
+from .gpus import remembered_claims
 from .hubwide import resources
 from .injection import gpu_environment
 from .plan import SpawnPlan
@@ -70,8 +71,13 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
         return SwarmNodes(self)
 
     async def device_claims(self, inventory: Inventory, *, max_age: float = 0) -> dict[str, Holder]:
-        """UUID -> holder of every device a task of the swarm holds now (this hub's servers by their labels)."""
-        return swarm.cluster_claims(await self.swarm_tasks(holding=True), hub_id=self.hub_id)
+        """UUID -> holder of every device a task of the swarm holds now (this hub's servers by their labels; any
+        other service's are busy outside the hub); the spawn form may show a read up to `max_age` seconds old."""
+
+        async def read() -> dict[str, Holder]:
+            return swarm.cluster_claims(await self.swarm_tasks(holding=True), hub_id=self.hub_id)
+
+        return await remembered_claims(self.hub_id, read, max_age=max_age)
 
     async def swarm_tasks(self, *, service: str | None = None, holding: bool = False) -> list[swarm.SwarmTask]:
         """The swarm's tasks (of one service, by name; only those holding resources, where `holding`),

@@ -14,46 +14,33 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from traitlets.config import Config
 
+from testbed import QuietHandler, serving
 
-class Engine(ThreadingHTTPServer):
+
+class SlowEngine(QuietHandler):
     """A loopback stand-in for the engine's version endpoint, slow enough that first calls overlap."""
 
-    daemon_threads = True
     version_requests = 0
 
-
-class VersionHandler(BaseHTTPRequestHandler):
-    server: Engine
-
     def do_GET(self) -> None:  # http.server calls it by this name
-        self.server.version_requests += 1
+        type(self).version_requests += 1
         time.sleep(0.3)  # an engine answering its first request of a restart
-        body = json.dumps({"ApiVersion": "1.45", "Version": "28.2.2"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.reply(json.dumps({"ApiVersion": "1.45", "Version": "28.2.2"}).encode(), "application/json")
 
 
 @pytest.fixture
-def engine() -> Iterator[Engine]:
-    server = Engine(("127.0.0.1", 0), VersionHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def engine() -> Iterator[ThreadingHTTPServer]:
+    SlowEngine.version_requests = 0
+    with serving("127.0.0.1", SlowEngine) as server:
+        yield server
 
 
-def test_servers_making_their_first_docker_call_together_share_one_client(engine: Engine) -> None:
+def test_servers_making_their_first_docker_call_together_share_one_client(engine: ThreadingHTTPServer) -> None:
     from gpuspawner import GPUSpawner
 
     class JustStarted(GPUSpawner):
@@ -70,5 +57,5 @@ def test_servers_making_their_first_docker_call_together_share_one_client(engine
     with ThreadPoolExecutor(len(spawners)) as pool:
         clients = list(pool.map(first_call, spawners))
     assert len({id(c) for c in clients}) == 1, "each server made a Docker client of its own"
-    assert engine.version_requests == 1
+    assert SlowEngine.version_requests == 1
     assert JustStarted._client is clients[0]  # later calls use it too

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from docker.types import EndpointSpec, Resources
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpuspawner.store import AuditStore
 from helpers import login, read_progress
@@ -186,3 +189,39 @@ def test_a_hub_restart_rebuilds_its_view_from_the_swarm(
     assert placed(hub, swarm_bed, "dan")[1] == (free,)
     assert hub.spawn("eve", options={"profile": "one"}).status_code == 202  # no GPU left: eve waits in line
     assert any("1st in line" in m for m in read_progress(hub, "eve", until="1st in line", timeout=60))
+
+
+def hub_metrics(hub: RunningHub) -> dict[str, list[dict[str, str]]]:
+    """The hub's gpuspawner series whose value is 1 (info, holder and state series), by name: their labels."""
+    text = requests.get(f"{hub.url}/hub/metrics", timeout=30).text
+    return {f.name: [s.labels for s in f.samples if s.value == 1] for f in text_string_to_metric_families(text)
+            if f.name.startswith("gpuspawner_device_")}
+
+
+def test_the_hubs_metrics_name_each_gpus_node_and_a_gpu_another_service_holds_is_busy(
+    swarm_hub: Callable[..., RunningHub], swarm_bed: SwarmBed
+) -> None:
+    bed = swarm_bed
+    outside = bed.manager.services.create(  # a service that is not the hub's, holding one of worker2's GPUs
+        bed.base_ref, name="someone-elses-job", networks=[bed.network], endpoint_spec=EndpointSpec(mode="dnsrr"),
+        resources=Resources(generic_resources={"NVIDIA-GPU": 1}), constraints=["node.hostname == worker2"])
+    try:
+        task = wait_for(lambda: [t for t in bed.manager.api.tasks(filters={"service": outside.id})
+                                 if t["Status"]["State"] == "running"], timeout=90, interval=0.3, what="the other service's task")[0]
+        (taken,) = [r["NamedResourceSpec"]["Value"] for r in task["GenericResources"]]
+        hub = swarm_hub("c.JupyterHub.authenticate_prometheus = False\nc.GPUSpawner.gpu_sample_seconds = 1")
+        assert hub.spawn("ada", options={"profile": "one"}).status_code in (201, 202)
+        hub.wait_ready("ada", timeout=180)
+        ada = placed(hub, bed, "ada")[1][0]
+
+        def sampled() -> dict[str, list[dict[str, str]]] | None:
+            found = hub_metrics(hub)
+            states = {lb["uuid"]: lb["state"] for lb in found.get("gpuspawner_device_state", [])}
+            return found if (states.get(ada), states.get(taken)) == ("held", "busy") else None
+
+        found = wait_for(sampled, timeout=30, interval=0.5, what="a sample with ada's GPU held and the other service's busy")
+        nodes = {lb["uuid"]: lb["node"] for lb in found["gpuspawner_device_info"]}
+        assert nodes == {g: node for node, gs in GPUS.items() for g in gs} | {"MIG-w1-1-0": "worker1"}
+        assert [(lb["uuid"], lb["user"], lb["profile"]) for lb in found["gpuspawner_device_holder"]] == [(ada, "ada", "one")]
+    finally:
+        outside.remove()

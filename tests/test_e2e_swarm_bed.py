@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 import requests
 from docker.types import EndpointSpec, Resources
 
-from testbed import wait_for
+from testbed import QuietHandler, serving, wait_for
 from testbed.swarm import HUB_CONTAINER, SwarmBed
 
 pytestmark = pytest.mark.docker
@@ -127,31 +126,20 @@ def test_a_mig_slice_goes_to_the_worker_that_has_it_under_an_upper_cased_variabl
     assert bed.record(node, container_id(task))["environment"] == {"DOCKER_RESOURCE_NVIDIA-MIG-1G.10GB": "MIG-w1-1-0"}
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
+class _Recorder(QuietHandler):
     clients: list[str] = []
 
     def do_GET(self) -> None:
         self.clients.append(self.client_address[0])
-        body = b"hub"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(b"hub")
 
 
 @pytest.fixture
 def hub_stand_in(bed: SwarmBed) -> Iterator[http.server.ThreadingHTTPServer]:
     """An HTTP server where a hub on this host listens for its servers (bed.hub_ip), noting who called."""
     _Recorder.clients = []
-    server = http.server.ThreadingHTTPServer((bed.hub_ip, 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(bed.hub_ip, _Recorder) as server:
+        yield server
 
 
 def test_the_hub_side_reaches_a_server_on_a_worker_over_the_overlay_and_the_server_reaches_back(

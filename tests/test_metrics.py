@@ -47,8 +47,8 @@ def test_a_scrape_shows_each_device_its_holder_the_counts_the_queue_and_the_serv
     resources.waiters["r9"] = Waiter(id="r9", holder=Holder("bob"), request=GPURequest(count=1), joined=0, profile="h100")
     series = scrape()
     assert series["gpuspawner_device_holder"] == [({"uuid": "GPU-a", "user": "ada", "server": "train", "profile": "h100"}, 1)]
-    assert ({"uuid": "GPU-b", "index": "1", "model": "NVIDIA H100 80GB HBM3", "mig_profile": "", "parent_uuid": ""}, 1) in (
-        series["gpuspawner_device_info"])
+    assert ({"uuid": "GPU-b", "node": "", "index": "1", "model": "NVIDIA H100 80GB HBM3", "mig_profile": "",
+             "parent_uuid": ""}, 1) in series["gpuspawner_device_info"]
     assert series["gpuspawner_device_state"] == [({"uuid": "GPU-a", "state": "held"}, 1), ({"uuid": "GPU-b", "state": "free"}, 1)]
     assert series["gpuspawner_device_utilization_ratio"] == [({"uuid": "GPU-a"}, 0.4)]  # none for GPU-b: NVML had none
     assert ({"uuid": "GPU-a"}, 2**30) in series["gpuspawner_device_memory_used_bytes"]
@@ -58,6 +58,13 @@ def test_a_scrape_shows_each_device_its_holder_the_counts_the_queue_and_the_serv
     assert series["gpuspawner_server_idle_seconds"] == [({"user": "ada", "server": "train"}, 120)]
     assert series["gpuspawner_server_time_left_seconds"] == [({"user": "ada", "server": "train"}, 3000)]
     assert series["gpuspawner_sample_timestamp_seconds"] == [({}, 1_700_000_000.0)]
+
+
+def test_on_a_swarm_each_device_names_its_node(scrape) -> None:  # type: ignore[no-untyped-def]
+    resources.readings = Readings(taken_at=1.0, devices=(device("GPU-w1-0", "free", node="gpu-node-1"),
+                                                         device("GPU-w2-0", "free", node="gpu-node-2")))
+    nodes = {labels["uuid"]: labels["node"] for labels, _ in scrape()["gpuspawner_device_info"]}
+    assert nodes == {"GPU-w1-0": "gpu-node-1", "GPU-w2-0": "gpu-node-2"}
 
 
 def test_before_the_first_sample_a_scrape_shows_no_devices_and_no_sample_time(scrape) -> None:  # type: ignore[no-untyped-def]

@@ -50,6 +50,13 @@ def test_a_mig_device_named_by_nvml_with_its_profile_is_counted_under_that_name_
     assert found.model == f"{A100} MIG 1g.10gb"
 
 
+def test_a_swarm_devices_node_is_named_by_its_host_name() -> None:
+    on_node = Device(uuid="GPU-w1-0", index=0, name=A100, memory_total=80 * GiB, memory_used=0, node="x8f2kq")
+    here = Device(uuid="GPU-h-0", index=0, name=A100, memory_total=80 * GiB, memory_used=0)
+    found = device_readings(Inventory(devices=(on_node, here)), {}, {}, busy_memory_threshold=0, node_names={"x8f2kq": "gpu-node-1"})
+    assert [d.node for d in found] == ["gpu-node-1", ""]  # a device of the hub's own host has no node
+
+
 def test_counts_per_model_and_state_leave_out_mig_mode_gpus_and_list_empty_states_as_zero() -> None:
     counts = state_counts(readings().values())  # type: ignore[arg-type]
     assert counts == {

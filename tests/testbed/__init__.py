@@ -5,12 +5,16 @@ Test scaffolding only; nothing here is imported by gpuspawner itself.
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,33 @@ def wait_for(predicate: Any, *, timeout: float, interval: float = 0.2, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler of a test's own HTTP server: replies with :meth:`reply`, logs nothing."""
+
+    def reply(self, body: bytes, content_type: str = "text/plain") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serving(host: str, handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[http.server.ThreadingHTTPServer]:
+    """An HTTP server on `host` (a free port) answering with `handler` in threads, while the block runs."""
+    server = http.server.ThreadingHTTPServer((host, 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class DockerBed:
