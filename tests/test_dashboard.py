@@ -328,7 +328,7 @@ HOUR = {  # series -> its samples, one a minute for an hour (promtool's notation
     'gpuspawner_device_holder{uuid="GPU-b",user="ada",profile="a100"}': "1x60",
     'gpuspawner_device_holder{uuid="MIG-1",user="bob",server="exp",profile="mig"}': "1x60",
     f'gpuspawner_device_info{{uuid="GPU-a",index="0",model="{A100}"}}': "1x60",
-    f'gpuspawner_device_info{{uuid="GPU-b",index="1",model="{A100}"}}': "1x60",
+    f'gpuspawner_device_info{{uuid="GPU-b",node="gpu-node-2",index="1",model="{A100}"}}': "1x60",  # on a swarm's node
     f'gpuspawner_device_info{{uuid="GPU-c",index="3",model="{A100}"}}': "1x60",
     f'gpuspawner_device_info{{uuid="MIG-1",index="2",model="{A100} MIG 1g.10gb",mig_profile="1g.10gb",parent_uuid="GPU-m"}}': "1x60",
     'gpuspawner_device_utilization_ratio{uuid="GPU-a"}': "0.5x60",
@@ -363,7 +363,7 @@ ANSWERS = {  # (panel, refId) -> {labels: value} at the hour's end, for all user
     ("Spawn refusals by reason", "A"): {'{reason="no_devices"}': 2, '{reason="over_quota"}': 1},
     ("Who holds which device", "A"): {
         f'{{uuid="GPU-a",user="ada",profile="a100",index="0",model="{A100}"}}': 1,
-        f'{{uuid="GPU-b",user="ada",profile="a100",index="1",model="{A100}"}}': 1,
+        f'{{uuid="GPU-b",user="ada",profile="a100",node="gpu-node-2",index="1",model="{A100}"}}': 1,
         f'{{uuid="MIG-1",user="bob",server="exp",profile="mig",index="2",model="{A100} MIG 1g.10gb",'
         'mig_profile="1g.10gb",parent_uuid="GPU-m"}': 1,
     },
