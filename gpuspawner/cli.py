@@ -33,6 +33,8 @@ from .devices import Device, Inventory, format_bytes
 from .hubconfig import ConfigFileError, load_spawner_settings
 
 if TYPE_CHECKING:
+    import docker
+
     from .usage import Usage
 
 
@@ -48,13 +50,20 @@ def time_argument(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def hub_containers(hub_id: str) -> list[dict[str, Any]]:
-    """This hub's containers, as the Docker API lists them."""
+def docker_api() -> docker.APIClient:
+    """A docker-py client of the engine the Docker settings reach (DOCKER_HOST, or the default socket)."""
     import docker
     from docker.utils import kwargs_from_env
 
+    return docker.APIClient(version="auto", **kwargs_from_env())
+
+
+def hub_containers(hub_id: str) -> list[dict[str, Any]]:
+    """This hub's containers, as the Docker API lists them."""
+    import docker
+
     try:
-        client = docker.APIClient(version="auto", **kwargs_from_env())
+        client = docker_api()
         containers: list[dict[str, Any]] = client.containers(all=True, filters=labels.hub_filter(hub_id))
     except docker.errors.DockerException as e:
         raise CLIError(f"cannot read the hub's containers from the Docker engine: {e}") from None
@@ -222,11 +231,10 @@ def swarm_listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[di
     """The swarm's nodes, services and tasks, as the manager the Docker settings reach (DOCKER_HOST, or
     the default socket) lists them. An engine that is no manager is an error that says so."""
     import docker
-    from docker.utils import kwargs_from_env
 
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
-        client = docker.APIClient(version="auto", **kwargs_from_env())
+        client = docker_api()
         nodes: list[dict[str, Any]] = client.nodes()
         services: list[dict[str, Any]] = client.services()  # type: ignore[no-untyped-call]
         tasks: list[dict[str, Any]] = client.tasks()  # type: ignore[no-untyped-call]
@@ -255,7 +263,7 @@ def swarm_report(
     from .claims import profiles_of_servers
 
     found = [swarm.node_from_api(n) for n in nodes]
-    holding = [t for t in swarm.tasks_from_api(tasks, services) if t.holds]
+    holding = swarm.tasks_from_api(swarm.holding(tasks), services)
     inventory = swarm.cluster_inventory(found)
     claims = swarm.cluster_claims(holding, hub_id=hub_id)
     rows = device_rows(
@@ -284,7 +292,7 @@ def not_counted(node: Mapping[str, Any]) -> dict[str, Any] | None:
     found = swarm.node_from_api(node)
     kinds: dict[str, int] = {}
     for kind, _ in found.resources:
-        if kind == swarm.GPU_KIND or kind.startswith(swarm.MIG_KIND_PREFIX):
+        if swarm.is_device_kind(kind):
             kinds[kind] = kinds.get(kind, 0) + 1
     if found.schedulable or not kinds:
         return None
@@ -372,7 +380,7 @@ def merge_daemon_config(existing: Mapping[str, Any], ours: Mapping[str, Any], *,
 
     def stale(entry: object) -> bool:
         kind, _, value = str(entry).partition("=")
-        return kind == swarm.GPU_KIND or kind.startswith(swarm.MIG_KIND_PREFIX) or value in devices
+        return swarm.is_device_kind(kind) or value in devices
 
     merged = dict(existing)
     merged["node-generic-resources"] = [e for e in existing.get("node-generic-resources", []) if not stale(e)] + list(

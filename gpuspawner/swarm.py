@@ -46,6 +46,11 @@ def mig_kind(profile: str) -> str:
     return f"{MIG_KIND_PREFIX}{profile}"
 
 
+def is_device_kind(kind: str) -> bool:
+    """Whether a generic resource kind is gpuspawner's: whole GPUs or a MIG profile's devices."""
+    return kind == GPU_KIND or kind.startswith(MIG_KIND_PREFIX)
+
+
 def kind_of(request: GPURequest) -> str:
     """The generic resource kind a request asks Swarm for."""
     return mig_kind(request.mig_profile) if request.mig_profile else GPU_KIND

@@ -182,11 +182,8 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
     async def start_object(self) -> None:
         """Wait for Swarm to place and start the server; then record where it runs and which devices it got."""
         self.progress_log.say("Waiting for Swarm to place the server")
-        await self._wait_for_task(lambda task: task["Status"]["State"] == "running")
-        tasks = [t for t in await self.swarm_tasks(service=self.service_name) if t.holds]
-        if not tasks:
-            raise web.HTTPError(500, f"The service {self.service_name} runs no task; tell an admin.")
-        task = tasks[0]
+        running = await self._wait_for_task(lambda task: task["Status"]["State"] == "running")
+        task = swarm.task_from_api(running, service_name=self.service_name, network_id=await self._network_id())
         node = swarm.node_from_api(await self.docker("inspect_node", task.node_id))
         assigned = tuple(value for kind, value in task.resources)
         known = swarm.cluster_inventory([node]).by_uuid()
