@@ -61,11 +61,11 @@ def read_progress(hub: RunningHub, user: str, *, until: str, timeout: float = 60
     return messages
 
 
-def gpus_cli(hub: RunningHub, *, json_out: bool = True) -> Any:
-    """`gpuspawner gpus` run as an admin would, with the hub's own config (which installs the
-    simulated NVML for the command too, reading the same GPUs)."""
-    args = [str(BIN / "gpuspawner"), "gpus", "-f", str(hub.config_file)] + (["--json"] if json_out else [])
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+def gpus_cli(hub: RunningHub, *extra: str, json_out: bool = True, env: dict[str, str] | None = None) -> Any:
+    """`gpuspawner gpus` (with `extra` arguments, `env` added to the environment) run as an admin would, with
+    the hub's own config (which installs the simulated NVML for the command too, reading the same GPUs)."""
+    args = [str(BIN / "gpuspawner"), "gpus", *extra, "-f", str(hub.config_file)] + (["--json"] if json_out else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout) if json_out else out.stdout
 

@@ -64,11 +64,11 @@ def admin_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def gpuspawner(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The command in a process of its own (it loads the hub's configuration into JupyterHub's singleton)."""
-    return subprocess.run(
-        [sys.executable, "-m", "gpuspawner.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+def gpuspawner(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own (it loads the hub's configuration into JupyterHub's singleton), with
+    `env` added to this process's environment."""
+    return subprocess.run([sys.executable, "-m", "gpuspawner.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
 
 
 def exported_ids(text: str) -> list[str]:
@@ -211,11 +211,6 @@ def test_reproduce_hides_what_the_admins_names_now_redact_in_an_older_record(tmp
 TESTS = Path(__file__).resolve().parent
 
 
-def gpuspawner_with(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gpuspawner.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
-
-
 def api_node(availability: str, state: str, message: str = "") -> dict[str, Any]:
     """A ``GET /nodes`` entry of a GPU worker, as much of it as says where it stands."""
     return {
@@ -272,7 +267,7 @@ def test_gpus_swarm_shows_each_device_on_a_schedulable_node_and_says_which_nodes
 
 def test_gpus_swarm_where_no_engine_answers_is_one_line_and_status_1(hub_config: Path, admin_dir: Path) -> None:
     missing = admin_dir / "no-engine.sock"
-    result = gpuspawner_with({"DOCKER_HOST": f"unix://{missing}"}, "gpus", "--swarm", "-f", str(hub_config), cwd=admin_dir)
+    result = gpuspawner("gpus", "--swarm", "-f", str(hub_config), cwd=admin_dir, env={"DOCKER_HOST": f"unix://{missing}"})
     assert (result.returncode, result.stdout) == (1, "")
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith(f"gpuspawner gpus: cannot read the swarm from the Docker engine at unix://{missing}: ")
@@ -337,7 +332,7 @@ def test_gpus_swarm_lists_each_advertised_device_with_its_node_and_holder_and_th
         other_gpu = ({"GPU-w1-0", "GPU-w1-1"} - {ada_gpu}).pop()
         env = {"DOCKER_HOST": bed.manager_url}
 
-        listed = gpuspawner_with(env, "gpus", "--swarm", "--json", "-f", str(hub_config), cwd=admin_dir)
+        listed = gpuspawner("gpus", "--swarm", "--json", "-f", str(hub_config), cwd=admin_dir, env=env)
         assert listed.returncode == 0, listed.stderr
         report = json.loads(listed.stdout)
         rows = {r["uuid"]: (r["node"], r["status"], r["where"]) for r in report["devices"]}
@@ -350,7 +345,7 @@ def test_gpus_swarm_lists_each_advertised_device_with_its_node_and_holder_and_th
         assert kinds == {False: (2, 1, 1), True: (1, 1, 0)}
         assert [(n["node"], n["why"], n["advertises"]) for n in report["not_counted"]] == [("worker2", "paused", {"NVIDIA-GPU": 2})]
 
-        table = gpuspawner_with(env, "gpus", "--swarm", "-f", str(hub_config), cwd=admin_dir)
+        table = gpuspawner("gpus", "--swarm", "-f", str(hub_config), cwd=admin_dir, env=env)
         assert table.returncode == 0, table.stderr
         lines = table.stdout.splitlines()
         assert lines[0].split() == ["NODE", "UUID", "MODEL", "MEMORY", "STATUS"]

@@ -6,8 +6,6 @@ worker going down ends its servers."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,9 @@ from docker.types import EndpointSpec, Resources
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuspawner.store import AuditStore
-from helpers import login, read_progress
+from helpers import gpus_cli, login, read_progress
 from testbed import free_port, wait_for
-from testbed.hub import BIN, RunningHub
+from testbed.hub import RunningHub
 from testbed.swarm import SwarmBed
 
 pytestmark = pytest.mark.docker
@@ -75,10 +73,7 @@ def records(hub: RunningHub) -> dict[str, Any]:
 
 def swarm_gpus(hub: RunningHub, bed: SwarmBed) -> dict[str, Any]:
     """`gpuspawner gpus --swarm --json` as an admin runs it against the manager."""
-    out = subprocess.run([str(BIN / "gpuspawner"), "gpus", "--swarm", "--json", "-f", str(hub.config_file)],
-                         capture_output=True, text=True, timeout=120, env={"DOCKER_HOST": bed.manager_url, "PATH": str(BIN)})
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return gpus_cli(hub, "--swarm", env={"DOCKER_HOST": bed.manager_url})  # type: ignore[no-any-return]
 
 
 def placed(hub: RunningHub, bed: SwarmBed, user: str) -> tuple[str, tuple[str, ...]]:

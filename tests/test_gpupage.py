@@ -211,9 +211,8 @@ def test_every_device_is_a_row_with_its_state_holder_readings_and_limits() -> No
 def test_on_a_swarm_the_table_names_each_devices_node_and_groups_them_by_node() -> None:
     node_of = {GPU0: "gpu-node-2", GPU1: "gpu-node-2", GPU2: "gpu-node-1", MIG0: "gpu-node-1", MIG1: "gpu-node-1", GPU3: "gpu-node-1"}
     on_nodes = METRICS
-    for uuid, node in node_of.items():
-        on_nodes = on_nodes.replace(f'uuid="{uuid}"}} 1.0\ngpuspawner_device_info', f'uuid="{uuid}",node="{node}"}} 1.0\ngpuspawner_device_info')
-        on_nodes = on_nodes.replace(f'uuid="{uuid}"}} 1.0\n# HELP gpuspawner_device_utilization', f'uuid="{uuid}",node="{node}"}} 1.0\n# HELP gpuspawner_device_utilization')
+    for uuid, node in node_of.items():  # the first line naming a device with value 1 is its gpuspawner_device_info
+        on_nodes = on_nodes.replace(f'uuid="{uuid}"}} 1.0', f'uuid="{uuid}",node="{node}"}} 1.0', 1)
     html = render(snapshot(on_nodes))
     assert [(r[0], r[1], r[3]) for r in Page(html).rows[1:]] == [
         ("gpu-node-1", "2", GPU2), ("gpu-node-1", "2", MIG0), ("gpu-node-1", "2", MIG1), ("gpu-node-1", "3", GPU3),

@@ -143,7 +143,6 @@ class Node:
     """One engine of the bed. ``name`` is its host name, as the manager lists it."""
 
     name: str
-    role: str  # "manager" or "worker"
     address: str  # on the bed's network, kept across a stop and start
     container: str  # the node's container on the host's engine
     workdir: Path
@@ -467,7 +466,6 @@ class SwarmBed:
             name = "manager" if i == 0 else f"worker{i}"
             node = Node(
                 name=name,
-                role="manager" if i == 0 else "worker",
                 address=str(self.bed_subnet[10 + i]),
                 container=f"gpsw-{self.id}-{name}",
                 workdir=self.workdir / name,
@@ -702,15 +700,6 @@ class SwarmBed:
         return f"{self.registry}/{repo}@{self._registries.manifest_digest(repo, tag)}"
 
     # --- what happened on the nodes ------------------------------------------------------------
-
-    def records(self, which: int | str | Node) -> dict[str, dict[str, Any]]:
-        """The stand-in runtime's records of a node, by container ID."""
-        node = self.worker(which)
-        found = {}
-        for path in node.records_dir.glob("*.json"):
-            record: dict[str, Any] = json.loads(path.read_text())
-            found[record["container_id"]] = record
-        return found
 
     def record(self, which: int | str | Node, container_id: str, *, timeout: float = 10) -> dict[str, Any]:
         """What one container received, as the stand-in runtime of its node recorded it."""
