@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gpuspawner.allocation import GPURequest, Holder
@@ -13,9 +15,9 @@ ONE, TWO = GPURequest(count=1), GPURequest(count=2)
 MIG_SMALL = GPURequest(mig_profile="1g.10gb")
 
 
-def gpu(n: int, name: str = "NVIDIA A100-SXM4-80GB") -> Device:
+def gpu(n: int, name: str = "NVIDIA A100-SXM4-80GB", **kw: Any) -> Device:
     return Device(uuid=f"GPU-{n}", index=n, name=name, memory_total=80 * GiB, memory_used=0,
-                  pci_bus_id=f"00000000:{0x10 + n:02X}:00.0")
+                  pci_bus_id=f"00000000:{0x10 + n:02X}:00.0", **kw)
 
 
 def mig(parent: int, slot: int) -> Device:
@@ -111,8 +113,7 @@ def test_kept_devices_are_not_anyones_claim() -> None:
 
 
 def node_gpus(node: str, *numbers: int, unhealthy: tuple[int, ...] = ()) -> list[Device]:
-    return [Device(uuid=f"GPU-{n}", index=n, name="NVIDIA A100-SXM4-80GB", memory_total=80 * GiB, memory_used=0,
-                   pci_bus_id=f"00000000:{0x10 + n:02X}:00.0", node=node, healthy=n not in unhealthy) for n in numbers]
+    return [gpu(n, node=node, healthy=n not in unhealthy) for n in numbers]
 
 
 def test_a_two_gpu_waiter_waits_while_the_free_gpus_are_on_different_nodes() -> None:
