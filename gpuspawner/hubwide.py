@@ -73,8 +73,9 @@ class HubResources:
 
     def containers_changed(self) -> None:
         """A server's container started or ended, or a failed spawn gave its devices back: the claims
-        the form shows are read afresh, and the GPU queue looks again."""
-        self.engine_claims.clear()
+        the form shows are read afresh, and the GPU queue looks again. The last read stays, as what the
+        metrics know of other containers' devices until the next."""
+        self.engine_claims = {hub: (0.0, claims) for hub, (_, claims) in self.engine_claims.items()}
         self.wake_waiters()
 
     def wake_waiters(self) -> None:

@@ -40,3 +40,25 @@ async def test_reset_cancels_the_background_tasks() -> None:
     hub.reset()
     await asyncio.sleep(0)
     assert task.cancelled() and fresh(hub)
+
+
+async def test_a_container_change_makes_the_form_read_again_and_the_metrics_keep_the_last_read() -> None:
+    from gpuspawner.allocation import Holder
+    from gpuspawner.gpus import remembered_claims
+    from gpuspawner.hubwide import resources
+
+    other = {"GPU-x": Holder("", "someone-elses-job")}
+    reads = []
+
+    async def read() -> dict[str, Holder]:
+        reads.append(1)
+        return dict(other)
+
+    try:
+        await remembered_claims("h", read, max_age=60)
+        resources.containers_changed()
+        assert resources.engine_claims["h"][1] == other  # the sampler still sees the other container's GPU
+        await remembered_claims("h", read, max_age=60)
+        assert len(reads) == 2  # the form reads the engine again
+    finally:
+        resources.reset()
