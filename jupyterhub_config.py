@@ -23,7 +23,16 @@ admin changes most can also come from the environment:
                              CUDA PyTorch image of Jupyter Docker Stacks)
     GPUSPAWNER_IDLE_TIMEOUT  seconds of inactivity before a server is stopped and its GPUs
                              given back (default 3600; 0 turns culling off)
-    GPUSPAWNER_METRICS_TOKEN a token Prometheus uses to scrape /hub/metrics (default: none)
+    GPUSPAWNER_METRICS_TOKEN a token Prometheus uses to scrape /hub/metrics (default: none);
+                             it reads the audit witness's /services/audit/metrics too
+    GPUSPAWNER_AUDIT_KEY_FILE  the audit log's sealing key, in a folder of its own apart from
+                             the data folder; the log's head file goes beside it (default:
+                             both in the data folder)
+    GPUSPAWNER_AUDIT_SERVICE_URL  where the audit service runs when the hub does not start it
+                             (a container of its own, e.g. http://audit:10101; default: the
+                             hub starts it)
+    GPUSPAWNER_AUDIT_SERVICE_TOKEN  that service's API token (default: generated beside the
+                             sealing key, audit-service.token)
 
 Login. By default each person has an account of their own (NativeAuthenticator): they sign
 up at /hub/signup, and an admin listed in GPUSPAWNER_ADMIN_USERS authorises them at
@@ -46,9 +55,10 @@ data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 network = os.environ.get("GPUSPAWNER_NETWORK", "")
 
 
-def secret_file(name: str, *, length: int) -> str:
-    """A secret kept in the data dir, created with mode 0600 on first use."""
-    path = data_dir / name
+def secret_file(name: str, *, length: int, folder: Path = data_dir) -> str:
+    """A secret kept in `folder` (the data dir), created with mode 0600 on first use."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / name
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -264,9 +274,51 @@ c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles
 
 # --- The audit log: every server's environment, for admins at /services/audit/ ----------------
-from gpuspawner.service import audit_service  # noqa: E402
+# The sealing key and the log's head file live apart from the audit database (docker-compose.yml: a
+# volume of their own, written by the hub only; GPUSPAWNER_AUDIT_KEY_FILE). The audit service is also the
+# log's witness: in docker-compose.yml it runs in a container of its own (GPUSPAWNER_AUDIT_SERVICE_URL),
+# keeping the heads it has seen where the hub cannot write.
+from gpuspawner.service import audit_service, external_audit_service  # noqa: E402
 
-audit_service(c, config_file=__file__)
+
+def moved_audit_file(path: Path) -> Path:
+    """`path`, where an audit file (the sealing key, the head file) now lives; one an earlier
+    deployment kept in the data folder is moved there first (a new key would not open the
+    existing log, and a new head file would forget how far it reached)."""
+    old = data_dir / path.name
+    if path.exists() or not old.exists() or old.resolve() == path.resolve():
+        return path
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".moving")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(old.read_text())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        old.unlink()
+        print(f"jupyterhub_config.py: moved {old} to {path}", file=sys.stderr)
+    except OSError as e:  # the audit service's read-only mounts: the hub moves it
+        print(f"jupyterhub_config.py: {old} is still there ({path}: {e.strerror or e})", file=sys.stderr)
+    return path
+
+
+audit_key_file = os.environ.get("GPUSPAWNER_AUDIT_KEY_FILE", "")
+if audit_key_file:
+    # The head file goes beside the key, apart from the database: whoever can write the database
+    # (or restore an old copy of its volume) cannot move the head back with it.
+    c.GPUSpawner.audit_key_file = str(moved_audit_file(Path(audit_key_file)))
+    c.GPUSpawner.audit_head_file = str(moved_audit_file(Path(audit_key_file).with_name("gpuspawner-audit.head")))
+audit_service_url = os.environ.get("GPUSPAWNER_AUDIT_SERVICE_URL", "")
+if audit_service_url:
+    token_folder = Path(audit_key_file).parent if audit_key_file else data_dir
+    external_audit_service(
+        c, url=audit_service_url,
+        api_token=os.environ.get("GPUSPAWNER_AUDIT_SERVICE_TOKEN") or secret_file("audit-service.token", length=64, folder=token_folder),
+    )
+else:
+    audit_service(c, config_file=__file__)
 
 # --- The GPU page: every device, who holds it, its last hour, GPU-hours this month, at /services/gpus/ ---
 # Admins and the audit's readers see it; it reads the hub's metrics with a token of its own (read:metrics).

@@ -2,7 +2,7 @@
 
     python benchmarks/audit_export.py [--records 1000000] [--keep DIR]
 
-Fills an SQLite audit database with sealed records (a chain, as the hub writes them), then
+Fills an SQLite audit log with ended records (three entries each, as the hub writes them), then
 runs `gpuspawner audit export --format csv|jsonl|ro-crate` and `gpuspawner audit verify` as
 separate processes, each measured for wall time and peak resident memory (getrusage).
 """
@@ -20,47 +20,35 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpuspawner import audit
-from gpuspawner.audit import GENESIS, AuditRecord, RecordedDevice, seal
-from gpuspawner.store import AuditStore, _columns, load_key, records_table
+from gpuspawner.audit import AuditRecord, RecordedDevice
+from gpuspawner.store import AuditStore, load_key
 
 BIN = Path(sys.executable).parent
 
 
 def fill(url: str, n: int, *, key_file: Path, head_file: Path) -> float:
-    """n sealed records with their opening seals, as the hub writes them, in big batches."""
-    key = load_key(key_file, create=True)
-    store = AuditStore(url, key=key, head_file=head_file)
+    """n ended records, as the hub writes them (opened, devices and start, ended: three entries each), in big batches."""
+    store = AuditStore(url, key=load_key(key_file, create=True), head_file=head_file)
     t0 = time.perf_counter()
-    prev = GENESIS
-    batch = []
-    with store.engine.begin() as conn:
-        for i in range(1, n + 1):
-            record = AuditRecord(
-                id=f"r{i:08d}", hub_id="hub-bench", user=f"user{i % 400:03d}", server="" if i % 3 else "train",
-                requested_at=f"2026-{1 + i % 12:02d}-{1 + i % 28:02d}T{i % 24:02d}:00:00.{i % 1000000:06d}+00:00",
-                outcome="stopped" if i % 10 else "failed", profile=("cpu", "a100-1", "mig")[i % 3],
-                image_requested="quay.io/jupyter/pytorch-notebook:cuda12-2024-10-07",
-                repo_digest="quay.io/jupyter/pytorch-notebook@sha256:" + f"{i % 7:x}" * 64,
-                image_id="sha256:" + f"{i % 7:x}" * 64, container_id=f"{i:064x}",
-                devices=(RecordedDevice(uuid=f"GPU-{i % 8:08x}-0000-4000-8000-{i % 8:012x}", model="NVIDIA A100-SXM4-80GB",
-                                        memory_total=80 * 2**30),) if i % 3 else (),
-                environment={"OMP_NUM_THREADS": "8"}, error=None if i % 10 else "No free GPU for this server",
-                started_at="2026-11-21T10:00:00+00:00", stopped_at="2026-11-21T11:00:00+00:00",
-                driver_version="550.54.15", cuda_driver_version="12.4", gpuspawner_version="bench",
-            )
-            record = seal(record, seq=i, prev_hash=prev, key=key)
-            prev = record.hash or ""
-            columns = _columns(record)
-            opening = audit.opening_digest(key=key, opened=i, opening=audit.opening_json(columns))
-            batch.append({**columns, "opened": i, "open_mac": opening})
-            if len(batch) == 20000:
-                conn.execute(records_table.insert(), batch)
-                batch = []
-        if batch:
-            conn.execute(records_table.insert(), batch)
-    head_file.write_text(f'{{"seq": {n}, "hash": "{prev}", "opened": {n}}}\n')
+    store.insert_many((_record(i) for i in range(1, n + 1)), batch=20_000)
+    store.dispose()
     return time.perf_counter() - t0
+
+
+def _record(i: int) -> AuditRecord:
+    return AuditRecord(
+        id=f"r{i:08d}", hub_id="hub-bench", user=f"user{i % 400:03d}", server="" if i % 3 else "train",
+        requested_at=f"2026-{1 + i % 12:02d}-{1 + i % 28:02d}T{i % 24:02d}:00:00.{i % 1000000:06d}+00:00",
+        outcome="stopped" if i % 10 else "failed", profile=("cpu", "a100-1", "mig")[i % 3],
+        image_requested="quay.io/jupyter/pytorch-notebook:cuda12-2024-10-07",
+        repo_digest="quay.io/jupyter/pytorch-notebook@sha256:" + f"{i % 7:x}" * 64,
+        image_id="sha256:" + f"{i % 7:x}" * 64, container_id=f"{i:064x}",
+        devices=(RecordedDevice(uuid=f"GPU-{i % 8:08x}-0000-4000-8000-{i % 8:012x}", model="NVIDIA A100-SXM4-80GB",
+                                memory_total=80 * 2**30),) if i % 3 else (),
+        environment={"OMP_NUM_THREADS": "8"}, error=None if i % 10 else "No free GPU for this server",
+        started_at="2026-11-21T10:00:00+00:00", stopped_at="2026-11-21T11:00:00+00:00",
+        driver_version="550.54.15", cuda_driver_version="12.4", gpuspawner_version="bench",
+    )
 
 
 def measured(args: list[str], out: Path) -> tuple[float, float, int]:

@@ -1,23 +1,22 @@
-"""The reproducibility record of each server, its tamper-evident seal, and what admins export.
+"""A server's reproducibility record, and the whole-record seals of the earlier store format.
 
 A record says which environment a server ran: image (as requested, by repository digest and
-image ID), the profile as configured, the devices and the driver, times and outcome. When a
-record is written it gets an *opening seal* (the next opening number, and a MAC over who,
-which server and when); when it reaches its final state it is *sealed*: the next sequence
-number and a MAC over its content and the previous sealed record's seal. Both are HMAC-SHA256
-with the hub's sealing key, which the database does not hold, so someone who can write the
-database can neither change a record nor forge a new one unseen; deleting records leaves gaps
-in the numbers, and deleting the newest ones is seen against the chain head kept outside the
-database (:class:`ChainHead`). :func:`verify_store` lists every problem it finds.
+image ID), the profile as configured, the devices and the driver, times and outcome. The log
+that holds records, entry by entry, is :mod:`gpuspawner.auditlog`.
 
-Exports live in :mod:`gpuspawner.export`.
+Stores written by gpuspawner before the append-only log sealed each record whole when it
+ended: an *opening seal* (opening number, MAC over who, which server and when) and a *seal* (the
+next sequence number, MAC over its content and the previous seal), with the key's
+:class:`SealingStart` and a :class:`ChainHead` kept outside. That format is read only when such
+a store is carried over into the log: :func:`verify_store` checks it first.
+
+Exports live in :mod:`gpuspawner.export`, redaction in :mod:`gpuspawner.redaction`.
 
 Pure code: no docker, pynvml, jupyterhub or database imports.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import hmac
 import json
@@ -26,33 +25,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from .settings import ConfigError
-
 # stopped: by the hub (user, admin, culler); died: the container ended on its own or behind the
 # hub's back (crash, OOM, docker stop); failed: never became ready; abandoned: the hub stopped
 # while it was starting, or it ran on with no server of the hub to own it.
 Outcome = Literal["requested", "starting", "running", "stopped", "died", "failed", "abandoned"]
 FINAL_OUTCOMES = frozenset({"stopped", "died", "failed", "abandoned"})
 GENESIS = "0" * 64  # the "previous hash" of the first sealed record
-
-# Environment variables dropped from the record entirely: the hub's per-server secrets, which
-# mean nothing outside this hub anyway.
-SECRET_PREFIXES = ("JUPYTERHUB_", "JPY_")
-# A variable is redacted when a part of its name (split at "_", "-" or ".") is one of these words.
-# Whole parts, so PATH (not PAT), KEYBOARD_LAYOUT (not KEY), GIT_AUTHOR_NAME (not AUTH) and
-# TOKENIZERS_PARALLELISM (not TOKEN) are kept. CERT is not here: SSL_CERT_FILE and the like
-# name public certificates; a private key is caught by KEY or PRIVATE, or by its value.
-SECRET_WORDS = frozenset({
-    "TOKEN", "TOKENS", "SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "PASS", "PWD", "PASSPHRASE",
-    "KEY", "KEYS", "APIKEY", "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "PAT", "COOKIE", "COOKIES",
-    "SESSION", "PRIVATE", "BEARER",
-})
-# ...or ends with one of these (PGPASS, PGPASSWORD, GHTOKEN): words no ordinary one ends with.
-SECRET_ENDINGS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PGPASS")
-NOT_SECRET_NAMES = frozenset({"PWD"})  # the shell's working directory
-# What a redacted value, or the password of a URL in a value, becomes in the record.
-REDACTED = "<redacted>"
-
 
 @dataclass(frozen=True)
 class RecordedDevice:
@@ -105,10 +83,13 @@ class AuditRecord:
     # hub's samples saw the server's GPUs under the idle threshold; None where never sampled.
     # Written when the server stops.
     idle_gpu_seconds: float | None = None
-    # the seal, set once the record is final
+    # the seal, set once the record is final: its closing entry's number and seal, and the seal before it
     seq: int | None = None
     prev_hash: str | None = None
     hash: str | None = None
+    # set by a reader where entries of this record failed its checks (what they were), or the
+    # seals could not be checked; None for a record read whole, every seal holding
+    integrity: str | None = None
 
     @property
     def sealed(self) -> bool:
@@ -117,7 +98,7 @@ class AuditRecord:
     def content(self) -> dict[str, Any]:
         """Everything but the seal, as plain JSON-able data."""
         data = record_to_dict(self)
-        for key in ("seq", "prev_hash", "hash"):
+        for key in ("seq", "prev_hash", "hash", "integrity"):
             data.pop(key)
         return data
 
@@ -315,11 +296,7 @@ class Verification:
         if self.ok:
             lines = [f"OK: {self.checked} sealed records, {self.open_records} open; chain intact."]
         else:
-            count = len(self.problems) + self.more_problems
-            lines = [f"FAILED: {count} problem{'s' if count != 1 else ''} ({self.checked} sealed records checked):"]
-            lines += [f"  - {p}" for p in self.problems]
-            if self.more_problems:
-                lines.append(f"  - … and {self.more_problems} more")
+            lines = failed_lines(self.problems, self.more_problems, read=f"{self.checked} sealed records checked")
         if self.head is not None:
             lines.append(f"Head: {self.head.text()} ({self.head.opened} records opened)")
         if self.start is not None:
@@ -331,7 +308,9 @@ class Verification:
         return "\n".join(lines)
 
 
-class _Problems:
+class Problems:
+    """What a check found: the first :data:`MAX_PROBLEMS` listed one by one, the rest counted."""
+
     def __init__(self) -> None:
         self.listed: list[str] = []
         self.more = 0
@@ -341,6 +320,16 @@ class _Problems:
             self.listed.append(text)
         else:
             self.more += 1
+
+
+def failed_lines(problems: tuple[str, ...], more: int, *, read: str) -> list[str]:
+    """A failed check's verdict line and its problems, as ``verify`` prints them; `read` says how much it read."""
+    count = len(problems) + more
+    lines = [f"FAILED: {count} problem{'s' if count != 1 else ''} ({read}):"]
+    lines += [f"  - {p}" for p in problems]
+    if more:
+        lines.append(f"  - … and {more} more")
+    return lines
 
 
 def _span(first: int, last: int, *, what: str = "records", verb: str = "are") -> str:
@@ -368,7 +357,7 @@ def verify_store(
     database (None: missing, itself a problem once a store has a key); ``expected_head``: a
     head kept elsewhere that this chain must still contain.
     """
-    problems = _Problems()
+    problems = Problems()
     if start is None:
         problems.add("the store has no record of its sealing key (deleted, or the store was replaced)")
         start_checked = SealingStart(key_id="", introduced_at="")
@@ -462,81 +451,3 @@ def verify_chain(entries: Iterable[SealedEntry | AuditRecord], *, key: bytes) ->
         head_file=ChainHead(),
     )
     return result
-
-
-def is_hub_secret(name: str) -> bool:
-    """The hub's own per-server variables (API token, URLs of this hub): dropped, not redacted."""
-    return name.upper().startswith(SECRET_PREFIXES)
-
-
-def is_secret(name: str, extra_names: Iterable[str] = ()) -> bool:
-    """Whether a variable's name says its value is a secret; `extra_names` are an admin's
-    names or glob patterns (``GPUSpawner.audit_redact_names``), compared in any case."""
-    upper = name.upper()
-    if is_hub_secret(upper):
-        return True
-    if upper in NOT_SECRET_NAMES:
-        return False
-    parts = [p for p in re.split(r"[^A-Z0-9]+", upper) if p]
-    if any(p in SECRET_WORDS or p.endswith(SECRET_ENDINGS) for p in parts):
-        return True
-    return any(fnmatch.fnmatchcase(upper, pattern.upper()) for pattern in extra_names)
-
-
-# scheme://userinfo@ : userinfo runs to the last "@" before the host's "/", "?" or "#".
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]+)@")
-_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-
-
-def redact_value(value: str) -> str:
-    """`value` without the credentials it carries: the password of each URL in it
-    (``postgresql://u:<redacted>@db/x``; a user part alone may be a token, so it goes too),
-    or all of it when it holds a private key."""
-    if _PRIVATE_KEY.search(value):
-        return REDACTED
-
-    def userinfo(m: re.Match[str]) -> str:
-        user, colon, _ = m["userinfo"].partition(":")
-        return m["scheme"] + (f"{user}:{REDACTED}" if colon else REDACTED) + "@"
-
-    return _URL_USERINFO.sub(userinfo, value)
-
-
-def without_secrets(env: Mapping[str, str], *, extra_names: Iterable[str] = ()) -> dict[str, str]:
-    """The environment as the audit record keeps it.
-
-    The hub's per-server variables (``JUPYTERHUB_*``, ``JPY_*``) are left out. A variable
-    whose name looks secret (:func:`is_secret`) stays, by name, with the value
-    :data:`REDACTED`, so an auditor sees it was set; credentials inside other values are
-    replaced by :data:`REDACTED` (:func:`redact_value`). Redacting twice changes nothing.
-    """
-    extra = tuple(extra_names)
-    return {
-        name: REDACTED if is_secret(name, extra) else redact_value(value)
-        for name, value in env.items()
-        if not is_hub_secret(name)
-    }
-
-
-def is_redacted(value: str) -> bool:
-    """Whether a recorded value lost something to redaction (so a rerun must supply it)."""
-    return REDACTED in value
-
-
-_REDACT_NAME = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
-
-
-def parse_redact_names(value: Any, *, where: str) -> tuple[str, ...]:
-    """Check ``GPUSpawner.audit_redact_names``: a list of variable names or glob patterns."""
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(
-            f"{where} is {value!r}; allowed: a list of environment variable names or glob patterns, "
-            "such as ['LICENSE_SERVER', 'MYCORP_*']."
-        )
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not _REDACT_NAME.match(item):
-            raise ConfigError(
-                f"{where}[{i}] is {item!r}; allowed: an environment variable name or a glob pattern "
-                "(letters, digits, _ . - and the wildcards * ? [...]), such as 'MYCORP_*'."
-            )
-    return tuple(value)

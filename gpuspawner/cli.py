@@ -422,14 +422,23 @@ class StoreMissing(CLIError):
 
 
 def _store(args: argparse.Namespace, *, with_key: bool = False) -> Any:
-    """The hub's audit store, read-only: never creates one (a missing store is an error)."""
-    from .store import AuditStore, AuditStoreMissing, load_key
+    """The hub's audit store, read-only: never creates one (a missing store is an error).
+
+    `with_key`: the sealing key is required (verify); otherwise it is used where this user can
+    read it, so exports and usage check each record's seals, and mark them unchecked where not.
+    """
+    from .store import AuditStore, AuditStoreError, AuditStoreMissing, load_key
 
     hub = load_spawner_settings(args.config)
     try:
         store = AuditStore(hub.audit_db_url, head_file=hub.audit_head_file, create=False)
         if with_key:
             store.key = load_key(hub.audit_key_file)
+        else:
+            try:
+                store.key = load_key(hub.audit_key_file)
+            except AuditStoreError:
+                store.key = None
         return store
     except AuditStoreMissing as e:
         where = f" (configuration {Path(args.config).resolve()})" if args.config else " (no jupyterhub_config.py here; pass -f)"
@@ -475,7 +484,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
     audit records, streamed."""
     import datetime
 
-    from .store import Filters
     from .usage import usage_report
 
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -483,11 +491,18 @@ def cmd_usage(args: argparse.Namespace) -> int:
     since = times.parse_time(args.since) if args.since else None
     by = [b.strip() for b in args.by.split(",") if b.strip()]
     # a record requested before the period may still hold GPUs in it: only the end bounds the stream
-    records = _store(args).iter_records(Filters(until=args.until))
+    read: list[Any] = []
+    store = _store(args)
     try:
-        report = usage_report(records, by=by, since=since, until=until, now=now)
+        report = usage_report(store.iter_held(until=args.until, read=read), by=by, since=since, until=until, now=now)
     except ValueError as e:
         raise CLIError(f"--by: {e}") from None
+    rejected = read[0].rejected if read else 0
+    if rejected:
+        print(f"gpuspawner usage: WARNING: {rejected} record(s) fail their seals or lie outside the log's numbering and "
+              "are not counted; run `gpuspawner audit verify`.", file=sys.stderr)
+    if store.key is None:
+        print("gpuspawner usage: the sealing key is not readable here, so seals were not checked.", file=sys.stderr)
     rows = report.rows
     out = [{**dict(zip(by, r.key, strict=True)), **_usage_figures(r)} for r in rows]
     period = f"{since.isoformat() if since else 'the first record'} to {until.isoformat()}"
@@ -524,16 +539,60 @@ def _usage_figures(row: Usage) -> dict[str, Any]:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import parse_head
-
+    """Exit 0 for a log that holds, 2 for anything else: every malformed store, head, witness or key
+    is a one-line verdict, never a traceback."""
     try:
-        expected = parse_head(args.expect_head) if args.expect_head else None
-    except ValueError as e:
-        raise CLIError(f"--expect-head: {e}") from None
-    store = _store(args, with_key=True)
-    result = store.verify(key=store.key, expected_head=expected)
+        result = _verification(args)
+    except StoreMissing:
+        raise
+    except Exception as e:  # a verdict, whatever broke: the admin needs the answer, not a traceback
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"FAILED: {message}", file=sys.stderr)
+        return 2
     print(result.message(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 2
+
+
+def _verification(args: argparse.Namespace) -> Any:
+    from .auditlog import Witness, head_from_text, parse_head
+
+    witnesses = []
+    for text in args.expect_head or ():
+        try:
+            witnesses.append(Witness(parse_head(text), f"the head given with --expect-head ({text[:20]}…)"))
+        except ValueError as e:
+            raise CLIError(f"--expect-head: {e}") from None
+    for path in args.witness or ():
+        try:
+            head = head_from_text(Path(path).read_text())
+        except OSError as e:
+            raise CLIError(f"--witness {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise CLIError(f"--witness {path}: {e}") from None
+        witnesses.append(Witness(head, f"the witness {path}"))
+    store = _store(args, with_key=True)
+    return store.verify(key=store.key, witnesses=witnesses)
+
+
+def cmd_audit_adopt(args: argparse.Namespace) -> int:
+    """Carry a store of the earlier format (records sealed whole) over to the append-only log, once."""
+    from .store import LEGACY_TABLE, LOG_TABLE, AuditStore, AuditStoreError, load_key
+
+    hub = load_spawner_settings(args.config)
+    try:
+        store = AuditStore(hub.audit_db_url, head_file=hub.audit_head_file, create=False)
+    except AuditStoreError as e:
+        if LEGACY_TABLE not in str(e):
+            raise StoreMissing(str(e)) from None
+    else:
+        raise CLIError(f"the audit store at {hub.audit_db_url} is an append-only log already ({LOG_TABLE}): nothing to carry over")
+    try:
+        store = AuditStore(hub.audit_db_url, key=load_key(hub.audit_key_file), head_file=hub.audit_head_file,
+                           accept_adoption_problems=args.accept_problems)
+    except AuditStoreError as e:
+        raise CLIError(str(e)) from None
+    print(store.verify().message())
+    return 0
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -640,10 +699,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="check that no record was changed, forged or deleted (exit 2 if one was, or if there is no store)",
     )
     verify.add_argument(
-        "--expect-head", metavar="SEQ:HASH",
-        help="a head printed by an earlier verify and kept elsewhere: the chain must still contain it",
+        "--expect-head", metavar="N:SEAL", action="append",
+        help="a head printed by an earlier verify (its 'Head:' line) and kept elsewhere: the log must still hold it",
+    )
+    verify.add_argument(
+        "--witness", metavar="FILE", action="append",
+        help="a head kept in a file anywhere (a copy of the hub's head file, the audit service's witness file, or "
+             "a text file holding an N:SEAL line): the log must still hold it; may be given several times",
     )
     verify.set_defaults(run=cmd_audit_verify)
+    adopt = audit_sub.add_parser(
+        "adopt", parents=[config],
+        help="carry a store written by an earlier gpuspawner (records sealed whole) over to the append-only log, once "
+             "(the hub does it on its first start too)",
+    )
+    adopt.add_argument(
+        "--accept-problems", action="store_true",
+        help="carry it over even where it fails its own checks; the problems are written into the new log's first entry",
+    )
+    adopt.set_defaults(run=cmd_audit_adopt)
     show = audit_sub.add_parser("show", parents=[config], help="one record, in full")
     show.add_argument("id")
     show.set_defaults(run=cmd_audit_show)

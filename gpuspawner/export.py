@@ -12,20 +12,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shlex
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 
 from . import seams
-from .audit import AuditRecord, canonical_json, is_redacted, record_to_dict, without_secrets
+from .audit import AuditRecord, canonical_json, record_to_dict
 from .images import ImageRef, ImageReferenceError, parse_image
+from .redaction import is_redacted, without_secrets
 
 CSV_COLUMNS = (
     "id", "seq", "hub_id", "user", "groups", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
     "stopped_at", "idle_gpu_seconds", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",
     "container_name", "hostname", "node", "docker_version", "driver_version", "cuda_driver_version", "devices",
     "device_models", "cpu_limit", "mem_limit", "error", "exit_code", "oom_killed", "gpuspawner_version", "profile_hash", "hash",
+    "integrity",
 )
 # OWASP, "CSV Injection": a spreadsheet runs a cell that starts with one of these as a formula.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -335,19 +338,52 @@ def _facts(r: AuditRecord, action_id: str) -> list[dict[str, Any]]:
 
 
 def _describe(r: AuditRecord) -> str:
-    gpus = ", ".join(f"{d.model} ({d.uuid})" for d in r.devices) or "no GPU"
+    # Record text is shown as shell words: a value with a line break cannot fake a second
+    # "To run it again" block for a reader to copy.
+    gpus = ", ".join(f"{shell_word(d.model)} ({shell_word(d.uuid)})" for d in r.devices) or "no GPU"
     parts = [
-        f"Profile {r.profile or '(none)'}; {gpus}",
+        f"Profile {shell_word(r.profile) if r.profile else '(none)'}; {gpus}",
         f"{r.cpu_limit:g} CPUs" if r.cpu_limit else "",
         f"{r.mem_limit} bytes of memory" if r.mem_limit else "",
     ]
     text = "; ".join(p for p in parts if p) + f". Outcome: {r.outcome}."
     if r.error and _ACTION_STATUS[r.outcome] != FAILED:
-        text += f" Note: {r.error}"
+        text += f" Note: {shell_word(r.error)}"
     return text + "\nTo run it again:\n" + reproduce_command(r)
 
 
 # --- docker run -------------------------------------------------------------------------------
+
+# What a variable's name must look like to reach the command (POSIX: a name a shell can set).
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
+# parse_image takes any text with a "." or ":" before the first "/" for a registry; the command takes
+# only a host name, an IPv4 or a bracketed IPv6 address, and a port.
+_REGISTRY = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
+UNKNOWN_IMAGE = "<unknown image>"
+
+
+def shell_word(text: str) -> str:
+    """`text` as one shell word that bash reads back exactly, written as one line of printable text.
+
+    Printable text is quoted as :func:`shlex.quote` does (a plain word stays bare). Text holding a
+    line break, a carriage return or any other character that does not print (an escape sequence
+    a terminal would act on, a bidi override) becomes bash's ``$'…'`` with each such character as
+    its UTF-8 bytes, ``\\xHH``: in a comment it cannot start a new line, and on screen it shows.
+    (``$'…'`` is read by bash, zsh and ksh, and by POSIX shells since POSIX.1-2024; ordinary values
+    never need it.)
+    """
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(_ansi_c(ch) for ch in text) + "'"
+
+
+def _ansi_c(ch: str) -> str:
+    if ch in "\\'":
+        return "\\" + ch
+    if ch.isprintable():
+        return ch
+    return "".join(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
 
 
 def reproduce_command(record: AuditRecord, *, extra_names: Iterable[str] = ()) -> str:
@@ -357,34 +393,96 @@ def reproduce_command(record: AuditRecord, *, extra_names: Iterable[str] = ()) -
     environment. A redacted variable is passed as ``-e NAME``, so docker takes its value from
     the shell that runs the command; a comment line says which. An image that was never
     pushed cannot be pulled elsewhere: the command then names the image ID and says so.
+
+    The text is safe to paste into a shell whatever the record holds: every value from the
+    record is one :func:`shell_word`, in the command and in the ``#`` comment lines before it,
+    and no line holds a character that does not print. A value docker would misread rather
+    than refuse is left out and a comment shows it: a variable whose name is not a shell
+    variable name, an image reference docker does not accept (one starting with ``-`` would
+    be read as an option), a limit that is not a number.
     """
-    comments = []
-    args = ["docker", "run", "--rm", "-it", "-p", "8888:8888"]
-    if record.devices:
-        args += ["--gpus", str(len(record.devices))]
-    if record.cpu_limit:
-        args += ["--cpus", f"{record.cpu_limit:g}"]
-    if record.mem_limit:
-        args += ["--memory", str(record.mem_limit)]
+    image, image_notes = _image(record)
+    limits, limit_notes = _limits(record)
+    environment, environment_notes = _environment(record, extra_names=extra_names)
+    args = ["docker", "run", "--rm", "-it", "-p", "8888:8888", *limits, *environment, image,
+            "jupyter", "server", "--ip=0.0.0.0", "--port=8888"]
+    comments = [*image_notes, *environment_notes, *limit_notes]
+    return "".join(f"# {c}\n" for c in comments) + " ".join(shell_word(a) for a in args)
+
+
+def _image(record: AuditRecord) -> tuple[str, list[str]]:
+    """The image the command names, and what the comments say about it: by repository digest where
+    the record has a usable one; else the image ID, which only a host holding it can run; else the
+    image as requested."""
+    pushed = _reference(record.repo_digest)
+    if pushed and pushed.digest:
+        return pushed.by_digest(), []
+    notes = []
+    if record.repo_digest:
+        notes.append(f"The record's repository digest {shell_word(record.repo_digest)} is not a reference by digest "
+                     "(name@sha256:…) that docker accepts, so it is left out.")
+    if record.image_id and _IMAGE_ID.fullmatch(record.image_id):
+        where = "Only" if record.repo_digest else "This image was never pushed to a registry, so only"
+        return record.image_id, [*notes, f"{where} a host that has image {record.image_id} can run it."]
+    if record.image_id:
+        notes.append(f"The record's image ID {shell_word(record.image_id)} is not an image ID (sha256: and 64 hex "
+                     "digits), so it is left out.")
+    requested = record.image_requested
+    if requested and _reference(requested):
+        return requested, [*notes, "The record names this image only as requested: that name may now point to "
+                                   "a different image."]
+    if requested:
+        notes.append(f"The record's requested image {shell_word(requested)} is not an image reference docker "
+                     "accepts, so it is left out.")
+    return UNKNOWN_IMAGE, notes or ["The record names no image."]
+
+
+def _reference(text: str | None) -> ImageRef | None:
+    """`text` parsed, or None where docker would refuse or misread it (a registry part that is no host)."""
+    ref = _parse(text)
+    return ref if ref and _REGISTRY.fullmatch(ref.registry) else None
+
+
+def _limits(record: AuditRecord) -> tuple[list[str], list[str]]:
+    """The GPU count and the CPU and memory limits as options, and a comment for a limit that is not
+    a number (only a tampered record holds one)."""
+    args = ["--gpus", str(len(record.devices))] if record.devices else []
+    notes = []
+    cpus, memory = record.cpu_limit, record.mem_limit
+    if cpus and isinstance(cpus, (int, float)) and not isinstance(cpus, bool):
+        args += ["--cpus", f"{cpus:g}"]
+    elif cpus:
+        notes.append(f"The record's CPU limit {shell_word(str(cpus))} is not a number, so it is left out.")
+    if memory and isinstance(memory, int) and not isinstance(memory, bool):
+        args += ["--memory", str(memory)]
+    elif memory:
+        notes.append(f"The record's memory limit {shell_word(str(memory))} is not a number of bytes, "
+                     "so it is left out.")
+    return args, notes
+
+
+def _environment(record: AuditRecord, *, extra_names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The ``-e`` options, and comments on the variables the caller must set and those left out."""
     # Redacted again here: records written before redaction was broadened may still hold secrets.
     environment = sorted(without_secrets(record.environment, extra_names=extra_names).items())
-    for name, value in environment:
+    kept = [(name, value) for name, value in environment if _SHELL_NAME.fullmatch(name)]
+    args = []
+    for name, value in kept:
         args += ["-e", name if is_redacted(value) else f"{name}={value}"]
-    if record.repo_digest:
-        args.append(parse_image(record.repo_digest).by_digest())
-    else:
-        args.append(record.image_id or record.image_requested or "<unknown image>")
-        comments.append(
-            "# This image was never pushed to a registry, so only a host that has image "
-            f"{record.image_id} can run it."
-        )
-    redacted = [name for name, value in environment if is_redacted(value)]
+    notes = []
+    redacted = [name for name, value in kept if is_redacted(value)]
     if redacted:
-        names = redacted[0] if len(redacted) == 1 else ", ".join(redacted[:-1]) + " and " + redacted[-1]
         was, them = ("was", "it") if len(redacted) == 1 else ("were", "them")
-        comments.append(
-            f"# {names} {was} redacted in the audit record: set {them} in your shell first; "
-            "docker run -e NAME takes the value from there."
-        )
-    args += ["jupyter", "server", "--ip=0.0.0.0", "--port=8888"]
-    return "".join(c + "\n" for c in comments) + " ".join(shlex.quote(a) for a in args)
+        notes.append(f"{_and(redacted)} {was} redacted in the audit record: set {them} in your shell first; "
+                     "docker run -e NAME takes the value from there.")
+    left_out = [shell_word(name) for name, _ in environment if not _SHELL_NAME.fullmatch(name)]
+    if left_out:
+        which = ("variable", "its name is not a shell variable name") if len(left_out) == 1 else (
+            "variables", "their names are not shell variable names")
+        notes.append(f"Left out: {which[0]} {_and(left_out)}: {which[1]} (letters, digits and _, not starting "
+                     "with a digit).")
+    return args, notes
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]

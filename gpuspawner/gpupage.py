@@ -45,7 +45,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from . import charts
 from .form import TEMPLATES, template_environment
 from .service import SCOPE, _Base, define_reader_scope, service_app, service_environment
-from .store import AuditStore, Filters
+from .store import AuditStore, StoreOpener, UsageRead
 from .usage import Usage, gpu_usage
 
 log = logging.getLogger("gpuspawner.gpupage")
@@ -291,6 +291,7 @@ class MonthUsage:
     until: datetime.datetime
     rows: tuple[Usage, ...] = ()
     error: str | None = None
+    rejected: int = 0  # records left out: they fail their seals or lie outside the log's numbering
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,9 @@ def page_view(
         usage_title=f"GPU-hours by user, {usage.since:%B %Y}",
         usage_note=(f"From {usage.since:%Y-%m-%d %H:%M} UTC to {usage.until:%Y-%m-%d %H:%M} UTC, from the audit records: "
                     "running servers count up to now, a MIG slice counts its share of its GPU."),
-        usage_error=usage.error,
+        usage_error=usage.error or (
+            f"{usage.rejected} audit record(s) fail their seals or lie outside the log's numbering and are not counted: "
+            "run `gpuspawner audit verify`." if usage.rejected else None),
         refresh_seconds=max(5, round(period)), history_span=span,
     )
 
@@ -477,8 +480,10 @@ class Sampler:
 class MonthUsageCache:
     """This month's GPU-hours by user from the audit store, computed off the event loop, kept ``ttl`` seconds."""
 
-    def __init__(self, store: AuditStore, *, ttl: float = USAGE_CACHE_SECONDS, clock: Callable[[], float] = time.time) -> None:
-        self.store, self.ttl, self.clock = store, ttl, clock
+    def __init__(self, store: AuditStore | Callable[[], AuditStore], *, ttl: float = USAGE_CACHE_SECONDS,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store if callable(store) else (lambda: store)
+        self.ttl, self.clock = ttl, clock
         self._kept: tuple[float, MonthUsage] | None = None
         self._lock = asyncio.Lock()
 
@@ -493,13 +498,13 @@ class MonthUsageCache:
     def _compute(self, now: datetime.datetime) -> MonthUsage:
         since = month_start(now)
         # a server requested before the month may hold GPUs in it: only the end bounds the stream
-        records = self.store.iter_records(Filters(until=None))
+        read: list[UsageRead] = []
         try:
-            rows = gpu_usage(records, by=["user"], since=since, until=now, now=now)
+            rows = gpu_usage(self.store().iter_held(read=read), by=["user"], since=since, until=now, now=now)
         except Exception as e:  # the page still shows the GPUs; the log has the traceback
             log.exception("GPU page: cannot read the audit records")
             return MonthUsage(since, now, error=f"cannot read the audit records: {e}")
-        return MonthUsage(since, now, rows=tuple(rows))
+        return MonthUsage(since, now, rows=tuple(rows), rejected=read[0].rejected if read else 0)
 
 
 class GPUsHandler(_Base):
@@ -535,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN are not set: the GPU page runs as a JupyterHub "
                      "service; register it with gpu_page_service(c, config_file=__file__) in jupyterhub_config.py")
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(asctime)s %(name)s] %(message)s")
-    store = AuditStore(load_spawner_settings(args.config).audit_db_url)
+    hub = load_spawner_settings(args.config)
+    store = StoreOpener(hub.audit_db_url, key_file=hub.audit_key_file, head_file=hub.audit_head_file)
     sampler = Sampler(url=url_path_join(api_url, "metrics"), token=token, period=args.sample_seconds,
                       keep=args.history_seconds)
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10102"))

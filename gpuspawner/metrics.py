@@ -44,7 +44,8 @@ SPAWN_DURATION = Histogram(
 )
 REFUSALS = Counter(
     "gpuspawner_spawn_refusals",
-    "Spawns refused: no_devices (none free in time), over_quota, nvml_timeout, forbidden_profile, bad_options",
+    "Spawns refused: no_devices (none free in time), over_quota, nvml_timeout, forbidden_profile, bad_options, "
+    "audit_log (the audit log was rolled back or rewritten, so the hub writes no records)",
     ["reason"],
 )
 GPU_SECONDS = Counter(
@@ -105,6 +106,17 @@ class GPUCollector(Collector):
             if s.time_left is not None:
                 left.add_metric([s.user, s.server], s.time_left)
         yield from (idle, left)
+        writable = GaugeMetricFamily(
+            "gpuspawner_audit_log_writable",
+            "1 while the hub writes to its audit log; 0 once it refuses to, because the log was rolled back or rewritten "
+            "behind its back or its head file is unreadable (no server starts until an admin has looked)",
+            labels=["store"])
+        head = GaugeMetricFamily("gpuspawner_audit_log_head_entry", "The newest entry of the audit log this hub wrote or checked",
+                                 labels=["store"])
+        for store in list(resources.stores.values()):
+            writable.add_metric([store.where], 0 if store.refusal else 1)
+            head.add_metric([store.where], store.head.n)
+        yield from (writable, head)
         if readings.taken_at:
             yield GaugeMetricFamily("gpuspawner_sample_timestamp_seconds", "When the hub last read NVML (Unix time)",
                                     value=readings.taken_at)

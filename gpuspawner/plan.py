@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import audit, labels, profiles
+from . import audit, labels, profiles, redaction
 from .allocation import GPURequest
 from .limits import Limits
 
@@ -55,7 +55,7 @@ class SpawnPlan:
 
     def recorded_environment(self, redact_names: Sequence[str] = ()) -> dict[str, str]:
         """The environment as the audit record keeps it: secrets' values redacted (see :mod:`gpuspawner.audit`)."""
-        return audit.without_secrets(self.environment, extra_names=redact_names)
+        return redaction.without_secrets(self.environment, extra_names=redact_names)
 
     def settings_hash(self, *, image: str, image_id: str | None, devices: Sequence[str], redact_names: Sequence[str] = ()) -> str:
         """The hash of what this spawn's container is made from (its label ``gpuspawner.settings``):

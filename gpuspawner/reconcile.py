@@ -8,17 +8,24 @@ the engine's exit code. An open audit record whose server and container are both
 closed with the reason. A pending claim kept by a failed spawn that could not make sure its
 container was gone is dropped once the engine shows that container is not running.
 
+A record ends when its container ended, as the engine says (:func:`engine_time`,
+:func:`stopped_at`), not when the hub noticed: the records of one device never overlap, and
+GPU-hours are not counted past the container's end.
+
 Pure code: no docker, pynvml, jupyterhub or database imports. The spawner module feeds it
 what the engine, the hub and the audit store say, and carries out the plan.
 """
 
 from __future__ import annotations
 
+import datetime
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .allocation import Holder
+from .times import TimeError, parse_time
 
 # Docker container states in which a container may hold devices or may start to.
 LIVE_STATES = frozenset({"running", "restarting", "paused"})
@@ -70,10 +77,14 @@ class Ending:
     oom_killed: bool | None = None
     container_id: str | None = None  # the container the record was made for (a killed hub may never have noted it)
     container_name: str | None = None
+    # When the engine says the container ended (ISO 8601 UTC, see engine_time); None: unknown, the record
+    # stops when the hub closes it. Not a field of the record: its stopped_at comes from it (stopped_at()).
+    ended_at: str | None = None
 
     def changes(self) -> dict[str, Any]:
-        """The record's fields this ending sets (what it does not know is left as recorded)."""
-        return {k: v for k, v in vars(self).items() if v is not None}
+        """The record's fields this ending sets (what it does not know is left as recorded); its stop
+        time is not among them (see :func:`stopped_at`)."""
+        return {k: v for k, v in vars(self).items() if v is not None and k != "ended_at"}
 
     def with_container(self, container: Mapping[str, Any] | None) -> Ending:
         """This ending, naming the inspected `container` (none: unchanged)."""
@@ -170,7 +181,8 @@ def plan(
 
 
 def ended_container(container: Mapping[str, Any] | None) -> Ending:
-    """How the record of a server whose container ended on its own ends, from the container's inspection."""
+    """How the record of a server whose container ended on its own ends, from the container's inspection
+    (its exit code, OOM flag and end time)."""
     if container is None:
         return Ending("died", "Its container was removed outside the hub.")
     state = container.get("State") or {}
@@ -184,4 +196,62 @@ def ended_container(container: Mapping[str, Any] | None) -> Ending:
         error = f"Its container ended by itself or was stopped outside the hub, exit code {code}."
     if state.get("Error"):
         error += f" The engine said: {state['Error']}"
-    return Ending("died", error, exit_code=code, oom_killed=oom).with_container(container)
+    return Ending("died", error, exit_code=code, oom_killed=oom, ended_at=finished_at(container)).with_container(container)
+
+
+# RFC 3339 as the engine writes it: Go's time.RFC3339Nano, nanoseconds and "Z" (a zone offset is allowed too).
+_ENGINE_TIME = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}:\d{2})(?:[.,](?P<fraction>\d+))?"
+    r"(?P<zone>[Zz]|[+-]\d{2}:?\d{2})?"
+)
+
+
+def engine_time(text: object) -> str | None:
+    """An engine's timestamp (a container's ``State.FinishedAt``, a swarm task's ``Status.Timestamp``) as
+    gpuspawner stores times: UTC, ISO 8601 with microseconds (nanoseconds cut, never rounded up). None
+    where the engine does not know: empty, not a time, or Docker's zero time ("0001-01-01T00:00:00Z",
+    which a container that never finished has)."""
+    if not isinstance(text, str):
+        return None
+    match = _ENGINE_TIME.fullmatch(text.strip())
+    if match is None:
+        return None
+    fraction = (match["fraction"] or "")[:6].ljust(6, "0")
+    zone = match["zone"] or "Z"
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    try:
+        value = datetime.datetime.fromisoformat(f"{match['date']}T{match['time']}.{fraction}{zone}")
+        if value.year <= 1:  # Go's zero time: never set
+            return None
+        return value.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+    except (ValueError, OverflowError):  # a month 13; the year 1 shifted out of range by its zone
+        return None
+
+
+def finished_at(container: Mapping[str, Any]) -> str | None:
+    """When an inspected container last ended, as the engine says (``State.FinishedAt``); None while
+    it runs or has never run, or where the engine does not say. A kept container started again still
+    shows its previous end, older than its start: that is no end of this run."""
+    state = container.get("State") or {}
+    ended = engine_time(state.get("FinishedAt"))
+    started = engine_time(state.get("StartedAt"))
+    if ended is None or state.get("Running") or (started is not None and started > ended):
+        return None
+    return ended
+
+
+def stopped_at(ended_at: str | None, *, now: str, not_before: Iterable[str | None] = ()) -> str:
+    """When a record stops: when its container ended, as the engine says (`ended_at`), else `now`; never
+    after `now` (an engine whose clock runs ahead), nor before any of `not_before`, the record's earlier
+    times (a container that ends as it starts may end before the hub noted its start). Each is ISO 8601
+    text, returned as given; `not_before` entries that are empty or no time are passed over."""
+    chosen = min((t for t in (ended_at, now) if t is not None), key=parse_time)
+    return max([chosen, *(t for t in not_before if t and _is_time(t))], key=parse_time)
+
+
+def _is_time(text: str) -> bool:
+    try:
+        parse_time(text)
+    except TimeError:
+        return False
+    return True

@@ -15,32 +15,50 @@ from typing import Any
 
 from tornado import web
 
-from . import seams, userinput
+from . import metrics, reconcile, seams, userinput
 from .audit import AuditRecord
 from .facts import DeviceFacts, ResolvedImage
 from .hubwide import resources
 from .reconcile import Ending
-from .store import AsyncAuditStore, AuditRecordSealed, AuditStoreError
+from .store import AsyncAuditStore, AuditLogRefused, AuditRecordSealed, AuditStoreError
 from .swarm import SwarmNode, SwarmTask
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
-async def close_record(store: AsyncAuditStore, record_id: str, log: Log, ending: Ending) -> None:
-    """Give a record its final state, stopped now; a sealed one is left alone, and an unreachable
-    database gets the change later (``finish_eventually``). Never raises: a user sees the refusal
-    or the stop they asked for, never a database error. The idle GPU-seconds the hub's samples
-    counted for its server (:mod:`gpuspawner.reclaim`) go into it too."""
+async def close_record(store: AsyncAuditStore, record_id: str, log: Log, ending: Ending, *, now: str | None = None) -> None:
+    """Give a record its final state, stopped when its container ended as the engine says
+    (``ending.ended_at``; never before the record's earlier times nor after `now`), else `now` (default:
+    the clock's now); a sealed one is left alone, and an unreachable database gets the change later
+    (``finish_eventually``). Never raises: a user sees the refusal or the stop they asked for, never a
+    database error. The idle GPU-seconds the hub's samples counted for its server
+    (:mod:`gpuspawner.reclaim`) go into it too."""
     changes = ending.changes()
     idle = resources.gpu_idle_seconds.pop(record_id, None)
     if idle is not None:
         changes["idle_gpu_seconds"] = round(idle, 3)
     try:
-        await store.finish_eventually(record_id, stopped_at=seams.now_iso(), **changes)
+        stopped_at = await _stopped_at(store, record_id, ending.ended_at, now=now or seams.now_iso())
+        await store.finish_eventually(record_id, stopped_at=stopped_at, **changes)
     except AuditStoreError as e:
         log.debug("Audit record %s not closed: %s", record_id, e)
     except Exception:
         log.exception("Could not close audit record %s", record_id)
+
+
+async def _stopped_at(store: AsyncAuditStore, record_id: str, ended_at: str | None, *, now: str) -> str:
+    """The record's stop time (:func:`gpuspawner.reconcile.stopped_at`): the engine's end, read against the
+    record's earlier times; `now` where the engine did not say, or the record cannot be read (surely
+    after them all)."""
+    if ended_at is None:
+        return now
+    try:
+        record = await store.get(record_id)
+    except Exception:
+        return now
+    if record is None:
+        return now
+    return reconcile.stopped_at(ended_at, now=now, not_before=(record.requested_at, record.started_at, record.ready_at))
 
 
 class SpawnRecorder:
@@ -68,6 +86,12 @@ class SpawnRecorder:
         except asyncio.CancelledError as e:
             resources.keep(self._close_after_insert(inserting, record.id, e))
             raise
+        except AuditLogRefused as e:
+            metrics.REFUSALS.labels("audit_log").inc()
+            raise web.HTTPError(
+                503, "The hub's audit log failed its integrity check (it was rolled back or changed behind the hub's "
+                "back), so the hub starts no servers until an admin has looked; tell an admin."
+            ) from e
         except Exception as e:
             self._log().error("Cannot write the audit record of %s: %s", self._name(), e)
             raise web.HTTPError(500, "The hub cannot write its audit record, so it starts no server; tell an admin.") from e
@@ -188,13 +212,15 @@ class SpawnRecorder:
                 raise result
 
     async def finish(self, record_id: str, ending: Ending) -> None:
-        """Close a record as `ending` says, stopped now; never raises. A database that does not
-        answer gets the change later."""
+        """Close a record as `ending` says: stopped when its container ended (``ending.ended_at``), else
+        now, when this is called (not once the queued notes are written); never raises. A database
+        that does not answer gets the change later."""
+        now = seams.now_iso()
         try:
             await self.flush()
         except Exception as e:
             self._log().error("A change to the audit record of %s was not written: %s", self._name(), e)
-        await close_record(self._store(), record_id, self._log(), ending)
+        await close_record(self._store(), record_id, self._log(), ending, now=now)
 
 
 def error_text(e: BaseException) -> str:

@@ -85,6 +85,7 @@ class GPUSpawner(UserChoice):
         self._started_here = False  # a spawn of this hub process started it (not a server resumed at hub start)
         self._attempt = ""  # the record of this server's latest spawn (its state's is cleared when it stops)
         self._configured: tuple[str, int | None, float | None] | None = None  # values the running plan replaced
+        self._ended_at: str | None = None  # when the engine says the container the last stop_object() stopped ended
         if getattr(self, "orm_spawner", None) is not None:  # one of the hub's servers (not the caretaker)
             resources.spawners[(self.user.name, self.name or "")] = self
 
@@ -332,11 +333,12 @@ class GPUSpawner(UserChoice):
         if not self.remove:
             self.log.info("Recreating %s for %s: its settings changed", self.object_name, self._log_name)
         await self.stop_object()
+        ended_at, self._ended_at = self._ended_at, None
         await self.remove_object()
         old_record = _label(obj, labels.RECORD)
         if old_record and old_record != self.audit_record_id:
             await close_record(self.audit_store(), old_record, self.log,
-                               Ending("abandoned", reconcile.REPLACED).with_container(obj))
+                               Ending("abandoned", reconcile.REPLACED, ended_at=ended_at).with_container(obj))
 
     async def start_object(self) -> None:
         self.progress_log.say("Starting container")
@@ -377,7 +379,8 @@ class GPUSpawner(UserChoice):
 
         JupyterHub never calls ``stop()`` for a server whose container died (crash, OOM,
         ``docker stop``): this is where the hub learns of it, so the record is closed here with
-        the engine's exit code and OOM flag, and a dead container is removed (``remove = True``).
+        the engine's exit code, OOM flag and end time (when the container ended, not when the hub
+        noticed), and a dead container is removed (``remove = True``).
         The records closed are the one the server's state names and the one the container's label
         names (a hub killed mid-spawn resumes the server with the state of an earlier spawn, or none).
         """
@@ -399,13 +402,16 @@ class GPUSpawner(UserChoice):
 
     async def stop(self, now: bool = False) -> None:
         """Stop the container; its records (as for :meth:`poll`) say whether the server had ever answered,
-        or why the hub stopped it (a time limit). A failing spawn closes its own record."""
+        or why the hub stopped it (a time limit), and stop when the engine says the container ended.
+        A failing spawn closes its own record."""
         never_answered = bool(getattr(self, "_waiting_for_response", False))
         reason, self.stop_reason = self.stop_reason, ""
         count_until_stop(self)  # its GPU time up to now, for the metrics and its record
         container = None if self._spawning else await self.get_object()
         records = _records(self.audit_record_id, container)  # read before the stop clears the state
+        self._ended_at = None
         await super().stop(now=now)
+        ended_at, self._ended_at = self._ended_at, None
         resources.containers_changed()
         if self._spawning:
             return
@@ -414,7 +420,24 @@ class GPUSpawner(UserChoice):
                                                  http_timeout=self.http_timeout)
             if reason and ending.outcome == "stopped":
                 ending = replace(ending, error=reason)
-            await self.recorder.finish(record_id, self.named_ending(ending, container))
+            await self.recorder.finish(record_id, replace(self.named_ending(ending, container), ended_at=ended_at))
+
+    async def stop_object(self) -> None:
+        """Stop the container (DockerSpawner's ``docker stop``), then read when the engine says it ended,
+        before :meth:`stop` removes it: its records stop then."""
+        await super().stop_object()
+        self._ended_at = await self.object_ended_at()
+
+    async def object_ended_at(self) -> str | None:
+        """When the engine says the server's container ended (ISO 8601 UTC); None while it runs, once it
+        is gone, or where the engine cannot say (its record then stops when the hub closes it)."""
+        if not self.container_id:
+            return None
+        try:
+            return reconcile.finished_at(await self.docker("inspect_container", self.container_id))
+        except (docker.errors.DockerException, OSError) as e:
+            self.log.debug("Could not read when the container of %s ended: %s", self._log_name, e)
+            return None
 
     def named_ending(self, ending: Ending, container: dict[str, Any] | None) -> Ending:
         """`ending`, naming the server's inspected container (a service's record named its own when it started)."""
@@ -434,15 +457,19 @@ class GPUSpawner(UserChoice):
                 ))
         return found
 
-    async def end_server_object(self, c: reconcile.ContainerView, *, remove: bool) -> None:
-        """Stop a container of this hub that no server owns, and remove it where `remove`."""
+    async def end_server_object(self, c: reconcile.ContainerView, *, remove: bool) -> str | None:
+        """Stop a container of this hub that no server owns, and remove it where `remove`. Returns when the
+        engine says a container stopped here ended (None: it was not running, or the engine cannot say)."""
+        ended_at = None
         try:
             if c.state in reconcile.LIVE_STATES:
                 await self.docker("stop", c.id)
+                ended_at = reconcile.finished_at(await self.docker("inspect_container", c.id))
             if remove:
                 await self.docker("remove_container", c.id, force=True, v=True)
         except docker.errors.NotFound:
             pass
+        return ended_at
 
     async def ended_server_object(self, c: reconcile.ContainerView) -> Ending:
         """How the record of a container that ended on its own ends, from the engine's inspection."""

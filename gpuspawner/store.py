@@ -1,17 +1,29 @@
 """The one path to the audit database: SQLAlchemy, SQLite by default, any SQLAlchemy URL.
 
-One table, ``gpuspawner_audit``: the columns admins filter on, the full record as JSON, and
-the seal. A record is inserted when a spawn begins and updated as the server moves on; its
-final update seals it (the next sequence number and the chained hash) in the same
-transaction, so a sealed record is never half-written and never changes again.
+The store is an append-only log (:mod:`gpuspawner.auditlog`), one table,
+``gpuspawner_audit_log``: each row one entry, numbered, sealed with the hub's key over all its
+columns and the entry before it when it is written, and never changed after. The hub appends
+an entry when a spawn begins, as the server moves on and when it ends; a record is read back by
+folding its entries, taking only those whose seals hold.
+
+Before every append the hub checks that the log still ends where it left it: the newest
+entry must still be the one the head kept outside the database (the head file) and the hub
+itself last saw name. A log that is behind that head was rolled back or rewritten, and the hub
+refuses to write (:class:`AuditLogRefused`) rather than number new entries over the gap. The
+head file moves forward after every commit, never back.
 
 Every write goes through :meth:`AuditStore.transaction`: a database that is busy, locked or
 briefly gone (SQLite "database is locked", PostgreSQL serialization failures, deadlocks, lost
 connections) is tried again with backoff; what :func:`is_transient` calls fatal is not. Either
 way the caller gets a domain error, :class:`AuditStoreUnavailable`, never a driver's exception.
-Sealing takes the write lock before it reads the last sequence number (SQLite ``BEGIN
-IMMEDIATE``, a PostgreSQL transaction-level advisory lock), so hub processes and threads that
-seal into one store at once take turns and the sequence has no gaps and no duplicates.
+Appending takes the write lock before it reads the newest entry (SQLite ``BEGIN IMMEDIATE``, a
+PostgreSQL transaction-level advisory lock), so writers in several threads or processes take
+turns and the numbers have no gaps and no duplicates.
+
+A store written by a gpuspawner that sealed whole records (the ``gpuspawner_audit`` table) is
+carried over once, when the hub first opens it or by ``gpuspawner audit adopt``: its records are
+checked with its own seals, copied into the log as "adopted" entries after a genesis entry that
+says what was carried, and the old tables dropped, in one transaction.
 
 PostgreSQL needs a driver: ``pip install 'psycopg[binary]'`` (or ``gpuspawner[postgresql]``)
 and a URL naming it, ``postgresql+psycopg://gpuspawner@db/audit``. A plain ``postgresql://``
@@ -33,7 +45,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,44 +53,63 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from . import audit, seams
-from .audit import AuditRecord, Verification
+from . import audit, auditlog, seams
+from .audit import FINAL_OUTCOMES, AuditRecord
+from .auditlog import Entry, Head, Verification, Witness
 from .times import stored_time
+from .usage import Held
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
-records_table = sa.Table(
-    "gpuspawner_audit",
+LOG_TABLE = "gpuspawner_audit_log"
+log_table = sa.Table(
+    LOG_TABLE,
     metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("seq", sa.Integer, unique=True, nullable=True),
-    sa.Column("hub_id", sa.String(255), nullable=False, index=True),
-    sa.Column("user", sa.String(255), nullable=False, index=True),
-    sa.Column("server", sa.String(255), nullable=False),
-    sa.Column("profile", sa.String(255), nullable=True, index=True),
-    sa.Column("outcome", sa.String(16), nullable=False, index=True),
-    sa.Column("requested_at", sa.String(40), nullable=False, index=True),
-    sa.Column("data", sa.Text, nullable=False),
-    sa.Column("prev_hash", sa.String(64), nullable=True),
-    sa.Column("hash", sa.String(64), nullable=True),
-    # the opening seal: the record's number among all records written, and its MAC
-    sa.Column("opened", sa.Integer, nullable=True),
-    sa.Column("open_mac", sa.String(64), nullable=True),
-    sa.Index("ix_gpuspawner_audit_opened", "opened", unique=True),
+    # In SQLite an INTEGER PRIMARY KEY holds whole numbers only: a number written as text is refused.
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("prev", sa.String(64), nullable=False),
+    sa.Column("mac", sa.String(64), nullable=False),
+    sa.Column("record_id", sa.String(64), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("at", sa.String(40), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("body_sha256", sa.String(64), nullable=False),
+    sa.Column("hub_id", sa.String(255), nullable=True),
+    sa.Column("user", sa.String(255), nullable=True),
+    sa.Column("server", sa.String(255), nullable=True),
+    sa.Column("profile", sa.String(255), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=True),
+    sa.Column("requested_at", sa.String(40), nullable=True),
+    sa.Column("started", sa.Float, nullable=True),
+    sa.Column("stopped", sa.Float, nullable=True),
+    sa.Column("gpus", sa.Float, nullable=True),
+    sa.Column("device_count", sa.Integer, nullable=True),
+    sa.Column("idle", sa.Float, nullable=True),
+    sa.Column("models", sa.Text, nullable=True),
+    sa.Column("groups", sa.Text, nullable=True),
+    sa.Column("usage_mac", sa.String(64), nullable=True),
+    # records in request order, opening and closing entries apart (exports, the hub's open records)
+    sa.Index("ix_gpuspawner_audit_log_kind_requested", "kind", "requested_at", "record_id"),
 )
-# The store's own facts, each under the sealing key's MAC: "sealing" says which key seals the
-# store since when, and where the records sealed before it end.
-meta_table = sa.Table(
-    "gpuspawner_audit_meta",
-    metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
+# An end the hub wrote has a usage seal: this (empty) index finds any that has none at once.
+sa.Index("ix_gpuspawner_audit_log_unsealed_ends", log_table.c.n,
+         sqlite_where=sa.and_(log_table.c.kind == "ended", log_table.c.usage_mac.is_(None)),
+         postgresql_where=sa.and_(log_table.c.kind == "ended", log_table.c.usage_mac.is_(None)))
+# Usage reads the closing entries' columns from this index alone, never the entries' bodies.
+sa.Index(
+    "ix_gpuspawner_audit_log_usage", *(log_table.c[name] for name in ("requested_at", *auditlog.USAGE_COLUMNS, "usage_mac")),
+    sqlite_where=log_table.c.usage_mac.is_not(None), postgresql_where=log_table.c.usage_mac.is_not(None),
 )
+OPENING_KINDS = ("opened", "adopted")
+CLOSING_KINDS = ("ended", "adopted")
 
-# Any constant will do: every process sealing into this database takes the same lock.
+# The tables of the earlier format, read once when a store is carried over, then dropped.
+LEGACY_TABLE, LEGACY_META_TABLE = "gpuspawner_audit", "gpuspawner_audit_meta"
+
+# Any constant will do: every process appending to this database takes the same lock.
 _SEQ_LOCK_KEY = 0x67707573_61756469  # "gpusaudi"
 
 class AuditStoreError(Exception):
@@ -133,8 +164,8 @@ ONE_TRY = RetryPolicy(tries=1)
 # too_many_connections. Class 08 (connection exceptions) is transient as a whole.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
 _TRANSIENT_SQLITE_MESSAGES = ("database is locked", "database is busy", "database table is locked")
-# A unique violation on seq means another writer sealed first; sealing again takes the next one.
-_SEQ_CONSTRAINT_MESSAGES = ("gpuspawner_audit.seq", "gpuspawner_audit_seq_key")
+# A unique violation on the entry number means another writer appended first; trying again takes the next one.
+_SEQ_CONSTRAINT_MESSAGES = ("gpuspawner_audit_log.n", "gpuspawner_audit_log_pkey")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -185,30 +216,12 @@ class Filters:
     hub_id: str | None = None
 
 
-def _row_to_record(row: Any) -> AuditRecord:
-    data = json.loads(row.data)
-    data.update(seq=row.seq, prev_hash=row.prev_hash, hash=row.hash)
-    return audit.record_from_dict(data)
+class AuditLogRefused(AuditStoreError):
+    """The hub will not write to this log: it was rolled back or rewritten behind the hub's back, or
+    the head kept outside it cannot be read. Nothing is written until an admin has looked."""
 
 
-_FILTER_COLUMNS = ("id", "hub_id", "user", "server", "profile", "outcome", "requested_at")
-
-
-def _columns_agree(row: Any) -> bool:
-    data = json.loads(row.data)
-    return all(data.get(name) == getattr(row, name) for name in _FILTER_COLUMNS)
-
-
-def _columns(record: AuditRecord) -> dict[str, Any]:
-    return {
-        "id": record.id, "seq": record.seq, "hub_id": record.hub_id, "user": record.user,
-        "server": record.server, "profile": record.profile, "outcome": record.outcome,
-        "requested_at": record.requested_at, "data": audit.canonical_json(record.content()),
-        "prev_hash": record.prev_hash, "hash": record.hash,
-    }
-
-
-# --- The sealing key and the chain head, kept outside the database -----------------------------
+# --- The sealing key --------------------------------------------------------------------------
 
 
 def load_key(path: str | os.PathLike[str], *, create: bool = False) -> bytes:
@@ -247,34 +260,50 @@ def load_key(path: str | os.PathLike[str], *, create: bool = False) -> bytes:
     return key
 
 
-def read_head(path: str | os.PathLike[str]) -> audit.ChainHead | None:
-    """The chain head kept in `path`, or None if there is none."""
+# --- The head kept outside the database ----------------------------------------------------------
+
+
+def read_head(path: str | os.PathLike[str]) -> Head | None:
+    """The head kept in `path`, or None if there is no such file. :class:`AuditStoreError`, saying
+    what is wrong, for a file that is not a head of this log's format."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AuditStoreError(f"cannot read the audit log's head {path}: {e.strerror or e}") from None
+    try:
+        return Head.from_json(text)
+    except ValueError as e:
+        raise AuditStoreError(f"the audit log's head {path} is unreadable: {e}") from None
+
+
+def read_legacy_head(path: str | os.PathLike[str]) -> audit.ChainHead | None:
+    """The chain head an earlier gpuspawner kept in `path` (``{"seq", "hash", "opened"}``), if that is what it holds."""
     try:
         data = json.loads(Path(path).read_text())
         return audit.ChainHead(int(data["seq"]), str(data["hash"]), int(data.get("opened", 0)))
-    except FileNotFoundError:
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AuditStoreError(f"cannot read the audit chain head {path}: {e}") from None
 
 
-def advance_head(path: str | os.PathLike[str], head: audit.ChainHead) -> audit.ChainHead:
-    """Move the head kept in `path` forward to `head` (never back), atomically, across processes."""
+def write_head(path: str | os.PathLike[str], head: Head, *, forward_only: bool = True) -> Head:
+    """Keep `head` in `path`, atomically and across processes; with `forward_only`, never a head
+    older than the one there (writers in several processes finish in any order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        current = read_head(path)
-        newest = current.advanced(head) if current else head
-        if newest == current:
-            return newest
+        current = read_head(path) if forward_only else None
+        if current is not None and current.n >= head.n:
+            return current
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w") as f:
-            f.write(json.dumps({"seq": newest.seq, "hash": newest.hash, "opened": newest.opened}) + "\n")
+            f.write(head.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return newest
+        return head
 
 
 def _sqlite_setup(lock_wait_ms: int) -> Callable[[Any, Any], None]:
@@ -299,16 +328,36 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-class AuditStore:
-    """Blocking access to the audit table. Create it once per process and share it.
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
-    ``key``: the sealing key (:func:`load_key`); a store without one reads and exports but
-    cannot write. ``head_file``: where the chain head is kept outside the database; every
-    insert and seal moves it forward. ``create``: make the tables if they are missing (the
-    hub); without it a missing store is :class:`AuditStoreMissing`, never a new empty one.
-    A hub opening a store that has no sealing key yet (one written by gpuspawner 0.1) takes it
-    over: it records the switch, numbers the records already there and seals from then on with
-    the key, so the old records stay checkable and held fast by the new ones.
+
+def _entry(row: Any) -> Entry:
+    return Entry(**{name: getattr(row, name) for name in auditlog.COLUMNS})
+
+
+def _values(entry: Entry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in auditlog.COLUMNS}
+
+
+@dataclass(frozen=True)
+class UsageRead:
+    """What a usage read left out: closing entries whose seals do not hold or whose numbers are
+    outside the log (counted, never added up)."""
+
+    rejected: int = 0
+
+
+class AuditStore:
+    """Blocking access to the audit log. Create it once per process and share it.
+
+    ``key``: the sealing key (:func:`load_key`); a store without one reads, exports and marks
+    rows outside the log's numbering, but cannot write or check seals. ``head_file``: where the
+    head is kept outside the database; every append moves it forward. ``create`` (with a key:
+    the hub): make the log if it is missing, carrying over a store of the earlier format;
+    otherwise a missing store is :class:`AuditStoreMissing`, never a new empty one.
 
     ``retry`` says how each write tries again through transient errors; ``lock_wait`` is how
     long one try waits for another writer's lock (SQLite busy_timeout, PostgreSQL lock_timeout).
@@ -323,11 +372,14 @@ class AuditStore:
         create: bool = True,
         retry: RetryPolicy = RetryPolicy(),
         lock_wait: float = 2.0,
+        accept_adoption_problems: bool = False,
     ) -> None:
         self.url = url
         self.retry = retry
         self.key = key
         self.head_file = Path(head_file) if head_file else None
+        self._known = Head()  # the newest entry this process wrote or checked
+        self.refusal: str | None = None  # why the hub last refused to write, until a write succeeds
         parsed = sa.engine.make_url(url)
         backend = parsed.get_backend_name()
         if backend == "sqlite" and not create and parsed.database not in (None, "", ":memory:"):
@@ -349,83 +401,511 @@ class AuditStore:
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._writer = self.engine.execution_options(gpuspawner_write=True)
         self._where = self.engine.url.render_as_string(hide_password=True)
-        if create:
-            self.transaction(self._create_or_upgrade, what="create the audit table")
-        else:
-            try:
-                with self.engine.connect() as conn:
-                    present = sa.inspect(conn).has_table(records_table.name)
-            except sa.exc.DBAPIError as e:
-                raise AuditStoreUnavailable(f"cannot read the audit database at {self._where}: {_reason(e)}", transient=is_transient(e)) from e
-            if not present:
-                raise AuditStoreMissing(f"no audit store at {self._where} (the database has no {records_table.name} table)")
-        if key is not None:
-            head = self.transaction(self._take_over, what="take over the audit store with the sealing key")
+        if create and key is not None:
+            head = self.transaction(lambda conn: self._create_or_adopt(conn, accept_problems=accept_adoption_problems),
+                                    what="create the audit log")
             if head is not None:
-                self._write_head(head)
+                self._known = head
+                self._keep_head(head)
+        else:
+            tables = self.tables()
+            if LOG_TABLE not in tables:
+                detail = (f"; it holds a store of an earlier gpuspawner ({LEGACY_TABLE}), which the hub carries over when "
+                          "it starts (or `gpuspawner audit adopt`)") if LEGACY_TABLE in tables else ""
+                raise AuditStoreMissing(f"no audit store at {self._where} (the database has no {LOG_TABLE} table{detail})")
 
-    @staticmethod
-    def _create_or_upgrade(conn: sa.Connection) -> None:
-        """The tables, and the opening-seal columns on a table made by gpuspawner 0.1."""
-        columns = {c["name"] for c in sa.inspect(conn).get_columns(records_table.name)} if sa.inspect(conn).has_table(records_table.name) else None
-        if columns is not None and "opened" not in columns:
-            conn.exec_driver_sql(f"ALTER TABLE {records_table.name} ADD COLUMN opened INTEGER")
-            conn.exec_driver_sql(f"ALTER TABLE {records_table.name} ADD COLUMN open_mac VARCHAR(64)")
-        metadata.create_all(conn)
-
-    def _take_over(self, conn: sa.Connection) -> audit.ChainHead | None:
-        """Check the store is sealed with our key; a store sealed with none yet is taken over."""
-        assert self.key is not None
-        start = self._sealing_start(conn)
-        if start is not None:
-            if not start.valid_for(self.key):
-                raise AuditStoreError(
-                    f"The audit store at {self._where} is sealed with another key ({start.key_id}) than "
-                    f"this hub's ({audit.key_id(self.key)}): GPUSpawner.audit_key_file must name the key "
-                    "the store was sealed with. The hub writes no records until it does."
-                )
-            return None
-        self._lock_sequence(conn)
-        t = records_table
-        last = conn.execute(sa.select(t.c.seq, t.c.hash).where(t.c.seq.is_not(None)).order_by(t.c.seq.desc()).limit(1)).first()
-        opened = conn.execute(sa.select(sa.func.max(t.c.opened))).scalar() or 0
-        unnumbered = conn.execute(
-            sa.select(t.c.id, t.c.hub_id, t.c.user, t.c.server, t.c.requested_at)
-            .where(t.c.opened.is_(None)).order_by(t.c.requested_at, t.c.id)
-        ).all()
-        for row in unnumbered:
-            opened += 1
-            conn.execute(t.update().where(t.c.id == row.id).values(
-                opened=opened, open_mac=audit.opening_digest(key=self.key, opened=opened, opening=audit.opening_json(dict(row._mapping))),
-            ))
-        start = audit.SealingStart(
-            key_id=audit.key_id(self.key), introduced_at=seams.now_iso(),
-            legacy_sealed=last.seq if last else 0, legacy_head=last.hash if last else audit.GENESIS,
-            opened_before=len(unnumbered),
-        ).signed(self.key)
-        conn.execute(meta_table.insert().values(name="sealing", value=start.to_json()))
-        if last or unnumbered:
-            log.warning(
-                "Audit store %s taken over with sealing key %s: %d sealed record(s) before it stay checkable as "
-                "plain SHA-256, %d record(s) numbered", self._where, start.key_id, start.legacy_sealed, len(unnumbered),
-            )
-        return audit.ChainHead(start.legacy_sealed, start.legacy_head, opened)
-
-    def _sealing_start(self, conn: sa.Connection) -> audit.SealingStart | None:
-        value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.name == "sealing")).scalar()
-        if value is None:
-            return None
+    def tables(self) -> list[str]:
+        """The database's tables whose names say they are gpuspawner's audit tables."""
         try:
-            return audit.SealingStart.from_json(value)
-        except (ValueError, KeyError, TypeError):
-            return audit.SealingStart(key_id="unreadable", introduced_at="")
+            with self.engine.connect() as conn:
+                names = sa.inspect(conn).get_table_names()
+        except sa.exc.DBAPIError as e:
+            raise AuditStoreUnavailable(f"cannot read the audit database at {self._where}: {_reason(e)}", transient=is_transient(e)) from e
+        return sorted(n for n in names if n.startswith(LEGACY_TABLE))
 
-    def _write_head(self, head: audit.ChainHead) -> None:
+    # --- Creating the log, or carrying over a store of the earlier format ---------------------
+
+    def _create_or_adopt(self, conn: sa.Connection, *, accept_problems: bool) -> Head | None:
+        """Make the log (with its genesis entry) unless it is there; a store of the earlier format is carried over."""
+        key = self._require_key()
+        self._lock_sequence(conn)
+        if sa.inspect(conn).has_table(LOG_TABLE):
+            self._check_genesis(conn)
+            return None
+        kept = self._head_from_file()
+        if kept is not None and kept.n > 0:
+            raise AuditLogRefused(
+                f"The audit store at {self._where} has no log, but the head kept outside it ({self.head_file}) says it "
+                f"held {kept.n} entries: the log was deleted. The hub writes no records, and so starts no servers, until "
+                "an admin restores the store from a backup (or, knowingly starting a new log, moves the head file aside)."
+            )
+        at = seams.now_iso()
+        adopted: dict[str, Any] | None = None
+        entries: list[Entry] = []
+        if sa.inspect(conn).has_table(LEGACY_TABLE):
+            adopted, entries = self._carry_over(conn, at=at, accept_problems=accept_problems)
+        metadata.create_all(conn, tables=[log_table])
+        sealed = auditlog.chain([auditlog.genesis(key=key, at=at, adopted=adopted), *entries], after=Head(), key=key)
+        for chunk in _batched(sealed, 5000):
+            conn.execute(log_table.insert(), [_values(e) for e in chunk])
+        if adopted is not None:
+            conn.exec_driver_sql(f"DROP TABLE {LEGACY_TABLE}")
+            if sa.inspect(conn).has_table(LEGACY_META_TABLE):
+                conn.exec_driver_sql(f"DROP TABLE {LEGACY_META_TABLE}")
+            log.warning(
+                "Audit store %s carried over to the append-only log: %d records (%d final) copied as entries #2-#%d, "
+                "checked with their earlier seals: %s", self._where, adopted["records"], adopted["final"], len(sealed),
+                "OK" if adopted["verified"] else "; ".join(adopted["problems"]),
+            )
+        return Head(sealed[-1].n, sealed[-1].mac)
+
+    def _check_genesis(self, conn: sa.Connection) -> None:
+        """Refuse a log that was not started with this hub's key (or whose first entry is gone)."""
+        key = self._require_key()
+        row = conn.execute(sa.select(log_table).where(log_table.c.n == 1)).first()
+        if row is None or row.kind != "genesis":
+            raise AuditLogRefused(f"The audit log at {self._where} has no genesis entry (#1): its first rows were deleted. {_NO_WRITES}")
+        entry = _entry(row)
+        named = json.loads(entry.body).get("key_id") if entry.body_matches else None
+        if named != audit.key_id(key):
+            raise AuditStoreError(
+                f"The audit log at {self._where} is sealed with another key ({named}) than this hub's "
+                f"({audit.key_id(key)}): GPUSpawner.audit_key_file must name the key the log was started with. "
+                "The hub writes no records until it does."
+            )
+        if not auditlog.seal_holds(key, entry):
+            raise AuditLogRefused(f"The audit log at {self._where} has a genesis entry whose seal does not hold. {_NO_WRITES}")
+
+    def _carry_over(self, conn: sa.Connection, *, at: str, accept_problems: bool) -> tuple[dict[str, Any], list[Entry]]:
+        """The earlier store's records as "adopted" entries, after checking them with their own seals."""
+        key = self._require_key()
+        legacy = sa.Table(LEGACY_TABLE, sa.MetaData(), autoload_with=conn)
+        columns = set(legacy.c.keys())
+        rows = conn.execute(sa.select(legacy)).all()
+        verdict = self._verify_legacy(conn, legacy, rows)
+        if not verdict.ok and not accept_problems:
+            raise AuditLogRefused(
+                f"The audit store at {self._where} is of an earlier format and fails its own checks, so the hub does not "
+                f"carry it over: {verdict.first_problem}. Check it with a backup; `gpuspawner audit adopt "
+                "--accept-problems` carries it over with the problems written into the new log."
+            )
+
+        def order(row: Any) -> tuple[Any, ...]:
+            opened = row.opened if "opened" in columns else None
+            return (opened is None, opened if isinstance(opened, int) else 0, str(row.requested_at), str(row.id))
+
+        entries = []
+        for row in sorted(rows, key=order):
+            data = json.loads(row.data)
+            record = audit.record_from_dict(data)
+            body_record = replace(record, seq=None, prev_hash=None, hash=None)
+            entry = auditlog.closing(body_record, at=at, kind="adopted")
+            body = json.loads(entry.body)
+            body["legacy_seal"] = {
+                "seq": row.seq, "prev_hash": row.prev_hash, "hash": row.hash,
+                "opened": row.opened if "opened" in columns else None, "open_mac": row.open_mac if "open_mac" in columns else None,
+            }
+            entries.append(replace(entry, body=audit.canonical_json(body)).with_body_digest())
+        adopted = {
+            "records": len(rows), "final": sum(1 for r in rows if r.outcome in FINAL_OUTCOMES),
+            "legacy_head": verdict.head.text() if verdict.head else None, "verified": verdict.ok,
+            "problems": list(verdict.problems[:5]), "key_id": audit.key_id(key),
+        }
+        return adopted, entries
+
+    def _verify_legacy(self, conn: sa.Connection, legacy: sa.Table, rows: Sequence[Any]) -> audit.Verification:
+        key = self._require_key()
+        columns = set(legacy.c.keys())
+        sealed = sorted((r for r in rows if r.seq is not None), key=lambda r: int(r.seq))
+        start = None
+        if sa.inspect(conn).has_table(LEGACY_META_TABLE):
+            value = conn.execute(sa.text(f"SELECT value FROM {LEGACY_META_TABLE} WHERE name = 'sealing'")).scalar()
+            start = audit.SealingStart.from_json(value) if value else None
+        elif "opened" not in columns:  # gpuspawner 0.1: plain SHA-256 seals, no key, no opening numbers
+            last = sealed[-1] if sealed else None
+            start = audit.SealingStart(
+                key_id=audit.key_id(key), introduced_at="", legacy_sealed=int(last.seq) if last else 0,
+                legacy_head=last.hash if last else audit.GENESIS,
+            ).signed(key)
+        opened = sorted((r for r in rows if "opened" in columns and r.opened is not None), key=lambda r: int(r.opened))
+        head = read_legacy_head(self.head_file) if self.head_file else None
+        return audit.verify_store(
+            key=key, start=start,
+            sealed=[audit.SealedEntry(r.id, r.seq, r.prev_hash, r.hash, r.data) for r in sealed],
+            opened=[audit.OpenedEntry(r.id, r.opened, r.open_mac, audit.opening_json(dict(r._mapping)), r.seq, r.hash) for r in opened],
+            head_file=head, head_required=False,
+        )
+
+    # --- Appending ----------------------------------------------------------------------------
+
+    def _head_from_file(self) -> Head | None:
+        if self.head_file is None:
+            return None
+        if read_legacy_head(self.head_file) is not None:
+            return None  # the earlier format's head: checked when its store is carried over
+        try:
+            return read_head(self.head_file)
+        except AuditStoreError as e:
+            raise AuditLogRefused(
+                f"{e}. The hub writes no records, and so starts no servers, until an admin checks the log "
+                "(`gpuspawner audit verify --witness` with a head kept elsewhere) and moves the broken file aside."
+            ) from None
+
+    def _newest(self, conn: sa.Connection) -> Head:
+        """The log's newest entry, refusing a log that no longer holds what this hub last saw or what its head file names."""
+        row = conn.execute(sa.select(log_table.c.n, log_table.c.mac).order_by(log_table.c.n.desc()).limit(1)).first()
+        if row is None:
+            raise AuditLogRefused(f"The audit log at {self._where} is empty: its genesis entry was deleted. {_NO_WRITES}")
+        if not auditlog.is_number(row.n):
+            raise AuditLogRefused(
+                f"The audit log at {self._where} has a row numbered {row.n!r:.40} at its end, outside the log's numbering: "
+                f"someone wrote to the database. {_NO_WRITES}"
+            )
+        newest = Head(row.n, row.mac)
+        for head, where in ((self._head_from_file(), f"the head kept outside it ({self.head_file})"), (self._known, "this hub")):
+            if head is None or head.n == 0:
+                continue
+            if head.n > newest.n:
+                raise AuditLogRefused(
+                    f"The audit log at {self._where} ends at entry #{newest.n}, but {where} has seen #{head.n}: the store "
+                    f"was rolled back or replaced. {_NO_WRITES}"
+                )
+            mac = newest.mac if head.n == newest.n else conn.execute(
+                sa.select(log_table.c.mac).where(log_table.c.n == head.n)).scalar()
+            if mac != head.mac:
+                raise AuditLogRefused(
+                    f"Entry #{head.n} of the audit log at {self._where} is not the one {where} has seen: the log was "
+                    f"rewritten. {_NO_WRITES}"
+                )
+        return newest
+
+    def _checked_end(self, conn: sa.Connection) -> Head:
+        """Take the write lock, then the log's newest entry, checked: the first step of every append."""
+        self._lock_sequence(conn)
+        return self._newest(conn)
+
+    def _append(self, conn: sa.Connection, entries: Sequence[Entry], *, after: Head) -> list[Entry]:
+        sealed = auditlog.chain(entries, after=after, key=self._require_key())
+        conn.execute(log_table.insert(), [_values(e) for e in sealed])
+        return sealed
+
+    def _appended(self, sealed: Sequence[Entry]) -> None:
+        """After a commit: the hub's own head and the head file move forward. Never raises: the
+        entries are written, so the caller must not be told otherwise."""
+        head = Head(sealed[-1].n, sealed[-1].mac)
+        if head.n > self._known.n:
+            self._known = head
+        self.refusal = None
+        self._keep_head(head)
+
+    def _keep_head(self, head: Head) -> None:
+        if self.head_file is None:
+            return
+        try:
+            if read_legacy_head(self.head_file) is not None:
+                write_head(self.head_file, head, forward_only=False)  # the store was carried over just now
+            else:
+                write_head(self.head_file, head)
+        except (OSError, AuditStoreError) as e:
+            log.error("Could not move the audit log's head %s forward to %s: %s", self.head_file, head.text(), e)
+
+    def _write(self, work: Callable[[sa.Connection], tuple[list[Entry], T]], *, what: str,
+               policy: RetryPolicy | None = None) -> T:
+        try:
+            sealed, result = self.transaction(work, what=what, policy=policy)
+        except AuditLogRefused as e:
+            if self.refusal != str(e):
+                log.error("%s", e)
+            self.refusal = str(e)
+            raise
+        self._appended(sealed)
+        return result
+
+    @property
+    def known(self) -> Head:
+        """The newest entry this process wrote or checked."""
+        return self._known
+
+    def head(self) -> Head:
+        """The log's newest entry, as stored (unchecked)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(log_table.c.n, log_table.c.mac).order_by(log_table.c.n.desc()).limit(1)).first()
+        return Head(row.n, row.mac) if row is not None and auditlog.is_number(row.n) else Head()
+
+    def check_head(self) -> Head:
+        """The log's newest entry, checked against the head file and what this process has seen
+        (:class:`AuditLogRefused` where the log was rolled back or rewritten); the head file is
+        brought up to it."""
+        try:
+            with self.engine.connect() as conn:
+                head = self._newest(conn)
+            if self.head_file is not None and not self.head_file.exists() and head.n > 1:
+                log.warning("The audit log's head file %s was missing; written anew at %s. Check the log with "
+                            "`gpuspawner audit verify --witness` against a head kept elsewhere.", self.head_file, head.text())
+        except AuditLogRefused as e:
+            if self.refusal != str(e):
+                log.error("%s", e)
+            self.refusal = str(e)
+            raise
+        self.refusal = None
+        self._known = head if head.n > self._known.n else self._known
+        self._keep_head(head)
+        return head
+
+    def insert(self, record: AuditRecord) -> None:
+        """Open a record: append its opening entry. A record id the log holds already is refused."""
+
+        def work(conn: sa.Connection) -> tuple[list[Entry], None]:
+            end = self._checked_end(conn)
+            if conn.execute(sa.select(log_table.c.n).where(log_table.c.record_id == record.id).limit(1)).first():
+                raise AuditStoreError(f"audit record {record.id} exists already")
+            return self._append(conn, [auditlog.opening(record, at=seams.now_iso())], after=end), None
+
+        self._write(work, what=f"write audit record {record.id}")
+
+    def insert_many(self, records: Iterable[AuditRecord], *, batch: int = 10_000) -> int:
+        """Write many records as the hub would have, in order, `batch` to a transaction: for imports
+        and benchmarks. An open record gets its opening entry; a final one its opening entry, one
+        entry of its devices and start, and its closing entry. Constant memory; returns how many
+        records were written."""
+        written = 0
+        it = iter(records)
+        while chunk := list(itertools.islice(it, batch)):
+            at = seams.now_iso()
+            entries = [e for record in chunk for e in _life(record, at=at)]
+            self._write(lambda conn, entries=entries: (self._append(conn, entries, after=self._checked_end(conn)), None),  # type: ignore[misc]
+                        what=f"write {len(chunk)} audit records from {chunk[0].id}")
+            written += len(chunk)
+        return written
+
+    def update(self, record_id: str, **changes: Any) -> AuditRecord:
+        """Append a change to an open record; an ended one is refused (:class:`AuditRecordSealed`)."""
+
+        def work(conn: sa.Connection) -> tuple[list[Entry], AuditRecord]:
+            end = self._checked_end(conn)
+            record = self._open_record(conn, record_id)
+            sealed = self._append(conn, [auditlog.change(record_id, changes, at=seams.now_iso())], after=end)
+            return sealed, replace(record, **changes)
+
+        return self._write(work, what=f"update audit record {record_id}")
+
+    def finish(self, record_id: str, **changes: Any) -> AuditRecord:
+        """End an open record (``outcome`` in changes): append its closing entry, which holds the whole
+        final record. Writers in threads or other processes take turns; a record ends once."""
+        return self.finish_with(record_id, changes, policy=self.retry)
+
+    def finish_with(self, record_id: str, changes: dict[str, Any], *, policy: RetryPolicy) -> AuditRecord:
+        """:meth:`finish` with its own retry policy (the background retries try once each time)."""
+
+        def work(conn: sa.Connection) -> tuple[list[Entry], AuditRecord]:
+            end = self._checked_end(conn)
+            final = replace(self._open_record(conn, record_id), **changes)
+            if final.outcome not in FINAL_OUTCOMES:
+                raise ValueError(f"record {record_id} would end {final.outcome}; a record ends {', '.join(sorted(FINAL_OUTCOMES))}")
+            sealed = self._append(conn, [auditlog.closing(final, at=seams.now_iso())], after=end)
+            return sealed, replace(final, seq=sealed[-1].n, prev_hash=sealed[-1].prev, hash=sealed[-1].mac)
+
+        return self._write(work, what=f"seal audit record {record_id}", policy=policy)
+
+    def _lock_sequence(self, conn: sa.Connection) -> None:
+        # SQLite: BEGIN IMMEDIATE took the database's write lock already. PostgreSQL: readers
+        # go on; writers queue here until the one before them commits, then read its newest entry.
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SEQ_LOCK_KEY)))
+
+    # --- Reading records back -----------------------------------------------------------------
+
+    def _entries_of(self, conn: sa.Connection, record_ids: Sequence[str]) -> dict[str, list[Entry]]:
+        found: dict[str, list[Entry]] = {rid: [] for rid in record_ids}
+        query = sa.select(log_table).where(log_table.c.record_id.in_(record_ids)).order_by(log_table.c.n)
+        for row in conn.execute(query):
+            found.setdefault(row.record_id, []).append(_entry(row))
+        return found
+
+    def _view(self, entries: Sequence[Entry]) -> AuditRecord | None:
+        """A record from its entries, those that fail a reader's check left out and named in ``integrity``.
+
+        An ended record is shown from its opening and closing entries, so only their seals are
+        checked here (``verify`` checks every one); an open record's are all checked."""
+        problems = []
+        good = []
+        ended = any(e.kind == "ended" for e in entries)
+        for entry in entries:
+            shown = not ended or entry.kind in OPENING_KINDS or entry.kind == "ended"
+            problem = auditlog.row_problem(entry, key=self.key if shown else None)
+            if problem:
+                problems.append(problem)
+            else:
+                good.append(entry)
+        openings = [e for e in good if e.kind in OPENING_KINDS]
+        closings = [e for e in good if e.kind == "ended"]
+        if len(openings) > 1:
+            problems.append(f"it is opened {len(openings)} times (entries {', '.join(f'#{e.n}' for e in openings)})")
+        if len(closings) > 1:
+            problems.append(f"it is ended {len(closings)} times (entries {', '.join(f'#{e.n}' for e in closings)})")
+        if closings and openings and closings[0] is not good[-1]:
+            problems.append("it has entries after its end")
+        record = auditlog.fold(good if not closings else closings[:1]) or auditlog.fold(entries)
+        if record is None:
+            return None
+        if not good:
+            record = replace(record, seq=None, prev_hash=None, hash=None)
+        if problems:
+            record = replace(record, integrity="; ".join(problems))
+        elif self.key is None:
+            record = replace(record, integrity="seals not checked (no key)")
+        return record
+
+    def _open_record(self, conn: sa.Connection, record_id: str) -> AuditRecord:
+        entries = self._entries_of(conn, [record_id])[record_id]
+        record = self._view(entries)
+        if record is None:
+            raise AuditStoreError(f"no audit record {record_id}")
+        if record.integrity:
+            log.error("Audit record %s: %s; its entries that fail their seals are left out", record_id, record.integrity)
+            record = replace(record, integrity=None)
+        if record.sealed:
+            raise AuditRecordSealed(f"audit record {record_id} has ended and cannot change")
+        return record
+
+    def get(self, record_id: str) -> AuditRecord | None:
+        """The record as its entries say, or None; ``integrity`` names entries left out."""
+        with self.engine.connect() as conn:
+            return self._view(self._entries_of(conn, [record_id])[record_id])
+
+    def open_records(self, hub_id: str) -> list[AuditRecord]:
+        """This hub's records that have not ended (those whose opening seal holds)."""
+        t = log_table
+        ended = sa.select(t.c.record_id).where(t.c.kind == "ended")
+        query = sa.select(t.c.record_id).where(
+            t.c.hub_id == hub_id, t.c.kind.in_(OPENING_KINDS), t.c.record_id.not_in(ended),
+            sa.or_(t.c.kind == "opened", t.c.outcome.not_in(tuple(FINAL_OUTCOMES))),
+        )
+        with self.engine.connect() as conn:
+            ids = [row.record_id for row in conn.execute(query)]
+            views = self._entries_of(conn, ids) if ids else {}
+        records = [self._view(entries) for entries in views.values()]
+        return [r for r in records if r is not None and not r.sealed and not r.integrity]
+
+    def iter_records(self, filters: Filters = Filters(), *, batch: int = 1000) -> Iterator[AuditRecord]:
+        """Records in the order they were requested, streamed in batches (constant memory); a record
+        with an entry a reader must not trust says so in ``integrity``."""
+        t = log_table
+        conditions: list[sa.ColumnElement[bool]] = [t.c.kind.in_(OPENING_KINDS)]
+        if filters.since:
+            conditions.append(t.c.requested_at >= stored_time(filters.since, where="since"))
+        if filters.until:
+            conditions.append(t.c.requested_at < stored_time(filters.until, where="until"))
+        for name in ("user", "profile", "hub_id"):
+            value = getattr(filters, name)
+            if value:
+                conditions.append(t.c[name] == value)
+        # Keyset pagination: each batch is one short query, so no cursor stays open while the
+        # caller writes out rows, and the hub's writes are never held up by an export.
+        after: tuple[str, str] | None = None
+        while True:
+            query = sa.select(t.c.record_id, t.c.requested_at).where(*conditions).order_by(t.c.requested_at, t.c.record_id).limit(batch)
+            if after is not None:
+                query = query.where(sa.tuple_(t.c.requested_at, t.c.record_id) > after)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+                ids = list(dict.fromkeys(row.record_id for row in rows))
+                views = self._entries_of(conn, ids) if ids else {}
+            for rid in ids:
+                record = self._view(views[rid])
+                if record is not None:
+                    yield record
+            if len(rows) < batch:
+                return
+            after = (rows[-1].requested_at, rows[-1].record_id)
+
+    def iter_held(self, *, until: str | None = None, read: list[UsageRead] | None = None,
+                  batch: int = 20_000) -> Iterator[Held]:
+        """What usage needs of every record requested before `until`, streamed: ended servers from the
+        columns of their closing entries (their usage seals checked when the store has the key), running
+        ones from their entries. Rows that fail their check are left out and counted in ``read[0]``."""
+        rejected = 0
+        t = log_table
+        wanted = [t.c[name] for name in auditlog.USAGE_COLUMNS] + [t.c.usage_mac]
+        conditions: list[sa.ColumnElement[bool]] = [t.c.usage_mac.is_not(None)]
+        if until:
+            conditions.append(t.c.requested_at < stored_time(until, where="until"))
+        key = self.key
+        seals = len(auditlog.USAGE_COLUMNS)
+        at = {name: i for i, name in enumerate(auditlog.USAGE_COLUMNS)}
+        user, server, profile, outcome, started, stopped, gpus, count, idle, models, groups = (
+            at[name] for name in ("user", "server", "profile", "outcome", "started", "stopped", "gpus", "device_count",
+                                  "idle", "models", "groups"))
+        group_lists: dict[str | None, tuple[str, ...]] = {}  # a few distinct lists, read once each
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=batch).execute(sa.select(*wanted).where(*conditions))
+            for row in result:
+                if not auditlog.is_number(row[0]) or (key is not None and auditlog.usage_mac(key, row[:seals]) != row[seals]):
+                    rejected += 1
+                    continue
+                if row[started] is None or row[outcome] not in FINAL_OUTCOMES:
+                    continue
+                listed = group_lists.get(row[groups])
+                if listed is None:
+                    listed = group_lists[row[groups]] = tuple(json.loads(row[groups] or "[]"))
+                yield Held(
+                    user=row[user], server=row[server], profile=row[profile], groups=listed, started=row[started],
+                    stopped=row[stopped], gpus=row[gpus] or 0.0, device_count=row[count] or 0, idle_gpu_seconds=row[idle],
+                    devices=_device_shares(row[models]),
+                )
+        with self.engine.connect() as conn:  # an end without a usage seal is none the hub wrote
+            rejected += conn.execute(sa.select(sa.func.count()).where(t.c.kind == "ended", t.c.usage_mac.is_(None))).scalar() or 0
+        for record in self._running(until):
+            if record.integrity and key is not None:
+                rejected += 1
+            else:
+                yield Held.of(record)
+        if read is not None:
+            read.append(UsageRead(rejected))
+
+    def _running(self, until: str | None) -> Iterator[AuditRecord]:
+        t = log_table
+        ended = sa.select(t.c.record_id).where(t.c.kind == "ended")
+        conditions: list[sa.ColumnElement[bool]] = [t.c.kind == "opened", t.c.record_id.not_in(ended)]
+        if until:
+            conditions.append(t.c.requested_at < stored_time(until, where="until"))
+        with self.engine.connect() as conn:
+            ids = [row.record_id for row in conn.execute(sa.select(t.c.record_id).where(*conditions))]
+        for chunk in _batched(ids, 1000):
+            with self.engine.connect() as conn:
+                views = self._entries_of(conn, chunk)
+            for entries in views.values():
+                record = self._view(entries)
+                if record is not None and record.started_at and not record.sealed:
+                    yield record
+
+    def iter_log(self, *, after: int | None = None) -> Iterator[Entry]:
+        """Every row of the log in the order of their numbers, rows without a number first, streamed;
+        with `after`, only the entries numbered above it (a witness checking what is new)."""
+        query = sa.select(log_table).order_by(log_table.c.n)
+        if after is not None:
+            query = query.where(log_table.c.n > after)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=5000).execute(query)
+            for row in result:
+                yield _entry(row)
+
+    def verify(self, *, key: bytes | None = None, witnesses: Iterable[Witness] = ()) -> Verification:
+        """Check every row of the log with `key` (the store's own by default), and that it still
+        holds the head file's head and each of `witnesses`."""
+        key = key or self._require_key()
+        kept = list(witnesses)
         if self.head_file is not None:
-            try:
-                advance_head(self.head_file, head)
-            except OSError as e:
-                log.error("Could not move the audit chain head %s forward to %s: %s", self.head_file, head.text(), e)
+            head = read_head(self.head_file)
+            if head is None:
+                result = auditlog.verify_log(self.iter_log(), key=key, witnesses=kept)
+                return _with_problem(result, f"the head kept outside the database ({self.head_file}) is missing")
+            kept.insert(0, Witness(head, f"the head kept outside the database ({self.head_file})"))
+        result = auditlog.verify_log(self.iter_log(), key=key, witnesses=kept)
+        stray = [name for name in self.tables() if name != LOG_TABLE]
+        if stray:
+            result = _with_problem(result, f"the database holds audit tables that are not the log: {', '.join(stray)}")
+        return result
 
     def _require_key(self) -> bytes:
         if self.key is None:
@@ -465,214 +945,53 @@ class AuditStore:
                 log.debug("Audit database busy while trying to %s (%s); trying again in %.2f s", what, _reason(e), delay)
                 time.sleep(delay)
 
-    def insert(self, record: AuditRecord) -> None:
-        """Write a new, open record with its opening seal (the next opening number)."""
-        key = self._require_key()
-
-        def work(conn: sa.Connection) -> int:
-            self._lock_sequence(conn)
-            opened = (conn.execute(sa.select(sa.func.max(records_table.c.opened))).scalar() or 0) + 1
-            columns = _columns(record)
-            mac = audit.opening_digest(key=key, opened=opened, opening=audit.opening_json(columns))
-            conn.execute(records_table.insert().values(**columns, opened=opened, open_mac=mac))
-            return opened
-
-        opened = self.transaction(work, what=f"write audit record {record.id}")
-        self._write_head(audit.ChainHead(opened=opened))
-
-    def insert_many(self, records: Iterable[AuditRecord], *, batch: int = 10_000) -> int:
-        """Write many new records as :meth:`insert` writes each (the next opening numbers, in order),
-        `batch` to a transaction: for imports and benchmarks, where one transaction a record is slow.
-
-        `records` is read a batch at a time, so any number take constant memory. A batch is written
-        whole or not at all; the head kept outside the database moves forward after each. Returns
-        how many records were written.
-        """
-        key = self._require_key()
-        written = 0
-        it = iter(records)
-        while chunk := list(itertools.islice(it, batch)):
-
-            def work(conn: sa.Connection, chunk: list[AuditRecord] = chunk) -> int:
-                self._lock_sequence(conn)
-                opened = conn.execute(sa.select(sa.func.max(records_table.c.opened))).scalar() or 0
-                rows = []
-                for record in chunk:
-                    opened += 1
-                    columns = _columns(record)
-                    mac = audit.opening_digest(key=key, opened=opened, opening=audit.opening_json(columns))
-                    rows.append({**columns, "opened": opened, "open_mac": mac})
-                conn.execute(records_table.insert(), rows)
-                return opened
-
-            opened = self.transaction(work, what=f"write {len(chunk)} audit records from {chunk[0].id}")
-            self._write_head(audit.ChainHead(opened=opened))
-            written += len(chunk)
-        return written
-
-    def get(self, record_id: str) -> AuditRecord | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(records_table).where(records_table.c.id == record_id)).first()
-        return _row_to_record(row) if row else None
-
-    def update(self, record_id: str, **changes: Any) -> AuditRecord:
-        """Change an open record; a sealed one is refused (:class:`AuditRecordSealed`)."""
-
-        def work(conn: sa.Connection) -> AuditRecord:
-            updated = replace(self._open_record(conn, record_id), **changes)
-            self._write_open(conn, updated)
-            return updated
-
-        return self.transaction(work, what=f"update audit record {record_id}")
-
-    def finish(self, record_id: str, **changes: Any) -> AuditRecord:
-        """Give an open record its final state (``outcome`` in changes) and seal it.
-
-        Concurrent sealers, in threads or in other processes, take turns: each record gets
-        the next sequence number exactly once.
-        """
-        return self.finish_with(record_id, changes, policy=self.retry)
-
-    def finish_with(self, record_id: str, changes: dict[str, Any], *, policy: RetryPolicy) -> AuditRecord:
-        """:meth:`finish` with its own retry policy (the background retries try once each time)."""
-
-        def work(conn: sa.Connection) -> AuditRecord:
-            self._lock_sequence(conn)
-            record = replace(self._open_record(conn, record_id), **changes)
-            last = conn.execute(
-                sa.select(records_table.c.seq, records_table.c.hash)
-                .where(records_table.c.seq.is_not(None))
-                .order_by(records_table.c.seq.desc())
-                .limit(1)
-            ).first()
-            sealed = audit.seal(
-                record, seq=(last.seq + 1) if last else 1, prev_hash=last.hash if last else audit.GENESIS, key=key
-            )
-            self._write_open(conn, sealed)
-            return sealed
-
-        key = self._require_key()
-        sealed = self.transaction(work, what=f"seal audit record {record_id}", policy=policy)
-        assert sealed.seq is not None and sealed.hash is not None
-        self._write_head(audit.ChainHead(sealed.seq, sealed.hash))
-        return sealed
-
-    def _lock_sequence(self, conn: sa.Connection) -> None:
-        # SQLite: BEGIN IMMEDIATE took the database's write lock already. PostgreSQL: readers
-        # go on; sealers queue here until the one before them commits, then read its seq.
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SEQ_LOCK_KEY)))
-
-    def _write_open(self, conn: sa.Connection, record: AuditRecord) -> None:
-        # "still unsealed" in the WHERE: a writer that read the record before a concurrent seal
-        # committed must not write the unsealed copy back over it.
-        t = records_table
-        result = conn.execute(t.update().where(t.c.id == record.id, t.c.hash.is_(None)).values(**_columns(record)))
-        if result.rowcount != 1:
-            raise AuditRecordSealed(f"audit record {record.id} is sealed and cannot change")
-
-    def _open_record(self, conn: sa.Connection, record_id: str) -> AuditRecord:
-        row = conn.execute(sa.select(records_table).where(records_table.c.id == record_id)).first()
-        if row is None:
-            raise AuditStoreError(f"no audit record {record_id}")
-        record = _row_to_record(row)
-        if record.sealed:
-            raise AuditRecordSealed(f"audit record {record_id} is sealed and cannot change")
-        return record
-
-    def open_records(self, hub_id: str) -> list[AuditRecord]:
-        """This hub's records not yet sealed."""
-        query = sa.select(records_table).where(records_table.c.hub_id == hub_id, records_table.c.hash.is_(None))
-        with self.engine.connect() as conn:
-            return [_row_to_record(row) for row in conn.execute(query)]
-
-    def iter_records(self, filters: Filters = Filters(), *, batch: int = 1000) -> Iterator[AuditRecord]:
-        """Records in the order they were requested, streamed in batches (constant memory)."""
-        t = records_table
-        conditions = []
-        if filters.since:
-            conditions.append(t.c.requested_at >= stored_time(filters.since, where="since"))
-        if filters.until:
-            conditions.append(t.c.requested_at < stored_time(filters.until, where="until"))
-        if filters.user:
-            conditions.append(t.c.user == filters.user)
-        if filters.profile:
-            conditions.append(t.c.profile == filters.profile)
-        if filters.hub_id:
-            conditions.append(t.c.hub_id == filters.hub_id)
-        # Keyset pagination: each batch is one short query, so no cursor stays open while the
-        # caller writes out rows, and the hub's writes are never held up by an export.
-        after: tuple[str, str] | None = None
-        while True:
-            query = sa.select(t).where(*conditions).order_by(t.c.requested_at, t.c.id).limit(batch)
-            if after is not None:
-                query = query.where(sa.tuple_(t.c.requested_at, t.c.id) > after)
-            with self.engine.connect() as conn:
-                rows = conn.execute(query).all()
-            for row in rows:
-                yield _row_to_record(row)
-            if len(rows) < batch:
-                return
-            after = (rows[-1].requested_at, rows[-1].id)
-
-    def iter_sealed(self, *, batch: int = 5000) -> Iterator[audit.SealedEntry]:
-        """Sealed records in sequence order, as stored, streamed.
-
-        A record whose filter columns (user, hub, server, profile, outcome, time) disagree with
-        its sealed content is given a content that cannot match its seal, so verify names it.
-        """
-        t = records_table
-        after = 0
-        while True:
-            query = sa.select(t).where(t.c.seq > after).order_by(t.c.seq).limit(batch)
-            with self.engine.connect() as conn:
-                rows = conn.execute(query).all()
-            for row in rows:
-                content = row.data if _columns_agree(row) else "columns changed: " + row.data
-                yield audit.SealedEntry(row.id, row.seq, row.prev_hash, row.hash, content)
-            if len(rows) < batch:
-                return
-            after = rows[-1].seq
-
-    def iter_opened(self, *, batch: int = 5000) -> Iterator[audit.OpenedEntry]:
-        """Every record in opening order, then those without an opening number, streamed."""
-        t = records_table
-        columns = (t.c.id, t.c.opened, t.c.open_mac, t.c.seq, t.c.hash, *(t.c[name] for name in _FILTER_COLUMNS[1:]), t.c.data)
-
-        def entry(row: Any) -> audit.OpenedEntry:
-            opening = audit.opening_json(dict(row._mapping))
-            if not _columns_agree(row):  # the filter columns were changed: cannot match its seal
-                opening = "columns changed: " + opening
-            return audit.OpenedEntry(row.id, row.opened, row.open_mac, opening, row.seq, row.hash)
-
-        after = 0
-        while True:
-            query = sa.select(*columns).where(t.c.opened > after).order_by(t.c.opened).limit(batch)
-            with self.engine.connect() as conn:
-                rows = conn.execute(query).all()
-            yield from (entry(row) for row in rows)
-            if len(rows) < batch:
-                break
-            after = rows[-1].opened
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(*columns).where(t.c.opened.is_(None)).order_by(t.c.id)).all()
-        yield from (entry(row) for row in rows)
-
-    def verify(self, *, key: bytes | None = None, expected_head: tuple[int, str] | None = None) -> Verification:
-        """Check every record against `key` (the store's own by default), the head kept outside
-        the database (where the store has a head file) and `expected_head`."""
-        key = key or self._require_key()
-        with self.engine.connect() as conn:
-            start = self._sealing_start(conn)
-        head = read_head(self.head_file) if self.head_file else None
-        return audit.verify_store(
-            key=key, start=start, sealed=self.iter_sealed(), opened=self.iter_opened(),
-            head_file=head, head_file_name=str(self.head_file or ""), expected_head=expected_head,
-            head_required=self.head_file is not None,
-        )
-
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_NO_WRITES = (
+    "The hub writes no records, and so starts no servers, until an admin checks the store (`gpuspawner audit verify`) "
+    "and restores it from a backup."
+)
+
+
+def _with_problem(result: Verification, problem: str) -> Verification:
+    return replace(result, ok=False, problems=(*result.problems, problem))
+
+
+def _device_shares(models: str | None) -> Callable[[], list[tuple[str, float]]]:
+    return lambda: [(m, s) for m, s in json.loads(models or "[]")]
+
+
+def _life(record: AuditRecord, *, at: str) -> list[Entry]:
+    """The entries the hub would have written for `record`: opened, devices and start, ended."""
+    opened = replace(record, outcome="requested", devices=(), started_at=None, stopped_at=None)
+    if record.outcome not in FINAL_OUTCOMES:
+        return [auditlog.opening(replace(opened, outcome=record.outcome), at=at)]
+    middle = {"devices": record.devices, "started_at": record.started_at, "outcome": "starting"}
+    return [auditlog.opening(opened, at=at), auditlog.change(record.id, middle, at=at), auditlog.closing(record, at=at)]
+
+
+class StoreOpener:
+    """A reader's store (a service, a page), opened on first use and again while it is missing: a
+    service may start before the hub has made the log. The key is used where it is readable."""
+
+    def __init__(self, url: str, *, key_file: str | os.PathLike[str] | None = None,
+                 head_file: str | os.PathLike[str] | None = None) -> None:
+        self.url, self.key_file, self.head_file = url, key_file, head_file
+        self._store: AuditStore | None = None
+
+    def __call__(self) -> AuditStore:
+        """The store; :class:`AuditStoreMissing` while there is none."""
+        if self._store is None:
+            key = None
+            if self.key_file:
+                try:
+                    key = load_key(self.key_file)
+                except AuditStoreError as e:
+                    log.warning("Audit records are read without checking their seals: %s", e)
+            self._store = AuditStore(self.url, key=key, head_file=self.head_file, create=False)
+        return self._store
 
 
 class AsyncAuditStore:
@@ -705,6 +1024,25 @@ class AsyncAuditStore:
         self._pending: dict[str, dict[str, Any]] = {}  # final changes not yet written; event loop only
         self._unsaved: dict[str, dict[str, Any]] = {}  # changes of failed updates; audit thread only
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def where(self) -> str:
+        """The database, its password hidden."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the store refuses to write (see :class:`AuditLogRefused`), or None."""
+        return self._store.refusal if self._store is not None else None
+
+    @property
+    def head(self) -> Head:
+        """The newest entry this process wrote or checked."""
+        return self._store.known if self._store is not None else Head()
+
+    async def check_head(self) -> Head:
+        """The log's newest entry, checked (:meth:`AuditStore.check_head`)."""
+        return await self.call(AuditStore.check_head)
 
     def _sync(self) -> AuditStore:
         if self._store is None:
@@ -851,3 +1189,4 @@ def default_audit_url(hub_db_url: str, *, cwd: str) -> str:
     folder = os.path.dirname(os.path.join(cwd, path)) if path and path != ":memory:" else cwd
     # Not URL.render_as_string(): it would %-escape the path, and hubconfig.data_folder reads it back by slicing.
     return "sqlite:///" + os.path.join(folder, "gpuspawner-audit.sqlite")
+

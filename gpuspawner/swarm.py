@@ -27,6 +27,7 @@ from .allocation import GPURequest, Holder
 from .audit import RecordedDevice
 from .devices import Device, Inventory
 from .labels import PREFIX, identity_from_labels
+from .reconcile import engine_time
 
 GPU_KIND = "NVIDIA-GPU"
 MIG_KIND_PREFIX = "NVIDIA-MIG-"
@@ -40,6 +41,8 @@ DRIVER_LABEL = "gpuspawner.nvidia-driver"
 CUDA_LABEL = "gpuspawner.cuda"
 # A task holds its resources in these states (Swarm's task states); pending ones hold none yet.
 HOLDING_STATES = frozenset({"assigned", "accepted", "preparing", "ready", "starting", "running"})
+# A task in one of these has ended, and its Status.Timestamp says when it did.
+FINISHED_STATES = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned"})
 
 
 def mig_kind(profile: str) -> str:
@@ -94,6 +97,13 @@ class SwarmTask:
     address: str = ""  # its address on the hub's network, without the prefix length
     container_id: str = ""  # the container its node made for it
     error: str = ""  # why it ended or waits, as Swarm says (Status.Err, else Status.Message)
+    timestamp: str = ""  # when it reached its state, as Swarm says (Status.Timestamp, RFC 3339)
+
+    @property
+    def ended_at(self) -> str | None:
+        """When the task ended, as Swarm says (ISO 8601 UTC, see :func:`gpuspawner.reconcile.engine_time`);
+        None while it has not, or where Swarm does not say."""
+        return engine_time(self.timestamp) if self.state in FINISHED_STATES else None
 
     @property
     def holds(self) -> bool:
@@ -147,7 +157,7 @@ def task_from_api(task: Mapping[str, object], *, service_name: str = "", service
         # calls them "AssignedGenericResources".
         resources=named_resources(task.get("GenericResources") or task.get("AssignedGenericResources")),  # type: ignore[arg-type]
         address=address, container_id=str(_map(status.get("ContainerStatus")).get("ContainerID") or ""),
-        error=str(status.get("Err") or status.get("Message") or ""),
+        error=str(status.get("Err") or status.get("Message") or ""), timestamp=str(status.get("Timestamp") or ""),
     )
 
 
@@ -160,6 +170,15 @@ def tasks_from_api(tasks: Iterable[Mapping[str, object]], services: Iterable[Map
                           service_labels=_map(specs.get(t.get("ServiceID"), {}).get("Labels")),  # type: ignore[arg-type]
                           network_id=network_id)
             for t in tasks]
+
+
+def last_ended_at(tasks: Iterable[SwarmTask]) -> str | None:
+    """When the last of a service's `tasks` ended, once every one has (None while one has not, for no
+    task, or where Swarm does not say)."""
+    ends = [t.ended_at for t in tasks]
+    if not ends or None in ends:
+        return None
+    return max(e for e in ends if e is not None)
 
 
 def _map(value: object) -> Mapping[str, object]:

@@ -42,7 +42,7 @@ from .plan import SpawnPlan
 from .reconcile import Ending
 from .spawner import GPUSpawner, _records
 
-ENDED_STATES = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
+ENDED_STATES = swarm.FINISHED_STATES | {"remove"}
 
 
 class SwarmNodes:
@@ -226,7 +226,8 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
         return ending.error or "ended"
 
     async def _task_ending(self) -> Ending | None:
-        """How the server ended, from its task and node; None while it runs."""
+        """How the server ended, from its task and node (when its task ended, as Swarm says; not known for a
+        node that went down); None while it runs."""
         tasks = await self.swarm_tasks(service=self.service_name)
         live = [t for t in tasks if t.desired_state == "running" and t.state not in ENDED_STATES]
         if live:
@@ -249,7 +250,8 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             where = node.hostname + ("" if node.ready else ", which is down")
         except docker.errors.APIError:
             pass
-        return Ending("died", f"Its task on node {where} ended ({task.state}{': ' + task.error if task.error else ''}).")
+        return Ending("died", f"Its task on node {where} ended ({task.state}{': ' + task.error if task.error else ''}).",
+                      ended_at=task.ended_at)
 
     # --- This hub's services, for its reconciliation (gpuspawner.upkeep) -------------------------------
 
@@ -273,17 +275,25 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             ))
         return found
 
-    async def end_server_object(self, c: reconcile.ContainerView, *, remove: bool) -> None:
-        """Remove a service of this hub that no server owns (a service is never kept stopped)."""
+    async def end_server_object(self, c: reconcile.ContainerView, *, remove: bool) -> str | None:
+        """Remove a service of this hub that no server owns (a service is never kept stopped). Its task's
+        container ends after that, at a time the hub does not wait for: None."""
         try:
             await self.docker("remove_service", c.id)
         except docker.errors.NotFound:
             pass
+        return None
 
     async def ended_server_object(self, c: reconcile.ContainerView) -> Ending:
         tasks = [t for t in await self.swarm_tasks(service=c.name)]
         states = ", ".join(sorted({t.state for t in tasks})) or "no task"
-        return Ending("died", f"Its service's task ended ({states}) with no server of the hub to own it.")
+        return Ending("died", f"Its service's task ended ({states}) with no server of the hub to own it.",
+                      ended_at=swarm.last_ended_at(tasks))
+
+    async def object_ended_at(self) -> str | None:
+        """None: a removed service's task ends after the hub removed it, at a time the hub does not wait
+        for, so its record stops when the hub removed the service."""
+        return None
 
     def named_ending(self, ending: Ending, container: dict[str, Any] | None) -> Ending:
         return ending  # the record named the service and its task's container when it started

@@ -31,7 +31,7 @@ from traitlets import (
 )
 from traitlets.config import LoggingConfigurable
 
-from . import audit, settings, userinput
+from . import redaction, settings, userinput
 from .allocation import GPURequest
 from .hubconfig import default_audit_db_url, default_audit_head_file, default_audit_key_file, hub_db_url, stored_hub_id
 from .images import Pinning
@@ -360,10 +360,11 @@ class GPUSpawnerConfig(LoggingConfigurable):
         patterns (``*``, ``?``, ``[...]``), compared in any case.
 
         The record already keeps no value of a variable whose name has a part such as TOKEN,
-        SECRET, PASSWORD, PASS, PWD, KEY, CREDENTIALS, AUTH, PAT, COOKIE, SESSION or PRIVATE
-        (``HF_TOKEN``, ``DB_PASSWORD``, ``GITHUB_PAT``), nor the password of a URL in any value
-        (``postgresql://u:<redacted>@db/x``); the hub's own ``JUPYTERHUB_*`` variables are left
-        out. Add here what those rules cannot guess. A redacted variable stays in the record by
+        SECRET, PASSWORD, PASS, PWD, KEY, CREDENTIALS, AUTH, PAT, COOKIE, SESSION, PRIVATE, DSN
+        or WEBHOOK, or such words joined (``HF_TOKEN``, ``DB_PASSWORD``, ``APP_SECRETKEY``), nor
+        URL passwords, credential query parameters, webhook URLs, tokens of known formats,
+        private keys or random-looking strings in any value; the hub's own ``JUPYTERHUB_*``
+        variables are left out. Add here what those rules cannot guess. A redacted variable stays in the record by
         name with the value ``<redacted>``, and ``gpuspawner reproduce`` passes it as
         ``-e NAME``, to be set in the shell that runs the command.
         Example: ``c.GPUSpawner.audit_redact_names = ["LICENSE_SERVER", "MYCORP_*"]``.
@@ -373,10 +374,11 @@ class GPUSpawnerConfig(LoggingConfigurable):
     audit_key_file = Unicode(
         "",
         help="""
-        The secret that seals the audit records (HMAC-SHA256): someone who can write the audit
-        database but not read this file can neither change a record nor forge one unseen. The
-        hub creates it (mode 0600) on first start; back it up with the hub's other secrets and
-        keep it off the database server. ``gpuspawner audit verify`` needs it. Default:
+        The secret that seals every entry of the audit log (HMAC-SHA256): someone who can write
+        the audit database but not read this file can neither change an entry nor forge one
+        unseen. The hub creates it (mode 0600) on first start; back it up with the hub's other
+        secrets and keep it off the database server and out of the database's folder or volume.
+        ``gpuspawner audit verify`` and the audit service's witness read it. Default:
         ``gpuspawner-audit.key`` in the hub's data folder (beside its SQLite database).
         Example: ``c.GPUSpawner.audit_key_file = "/srv/jupyterhub/secrets/audit.key"``.
         """,
@@ -385,12 +387,26 @@ class GPUSpawnerConfig(LoggingConfigurable):
     audit_head_file = Unicode(
         "",
         help="""
-        Where the hub keeps the audit chain's head (the newest sealed record's number and seal,
-        and how many records were opened) outside the database, updated with every record: so
-        deleting the newest records is seen. ``gpuspawner audit verify`` prints the head; keep a
-        copy elsewhere (a log, a ticket) to check a store against later with ``--expect-head``.
+        Where the hub keeps the audit log's head (the newest entry's number and seal) outside the
+        database, moved forward after every entry: a log that no longer holds it was rolled back
+        or rewritten, and then the hub writes nothing more (and so starts no servers) until an
+        admin has looked. Keep it apart from the database, where whoever can write the database
+        cannot write it. ``gpuspawner audit verify`` checks the log against it and prints the head;
+        keep copies elsewhere too (the audit service's witness, a log, a ticket) to check a store
+        against later with ``--witness`` or ``--expect-head``.
         Default: ``gpuspawner-audit.head`` beside the sealing key.
         Example: ``c.GPUSpawner.audit_head_file = "/srv/jupyterhub/secrets/audit.head"``.
+        """,
+    ).tag(config=True)
+
+    audit_head_log_interval = Float(
+        600.0,
+        help="""
+        Seconds between the lines in which the hub writes its audit log's head to its own log
+        (it writes one at start and one at stop too), so the hub's log, kept wherever your logs go,
+        is one more witness of the audit log. The hub checks the log against the head file each
+        time. 0 writes them at start and stop only.
+        Example: ``c.GPUSpawner.audit_head_log_interval = 3600``.
         """,
     ).tag(config=True)
 
@@ -477,5 +493,5 @@ class GPUSpawnerConfig(LoggingConfigurable):
 
     @validate("audit_redact_names")
     def _check_audit_redact_names(self, proposal: Any) -> Any:
-        checked(audit.parse_redact_names, self, proposal.trait.name, proposal.value)
+        checked(redaction.parse_redact_names, self, proposal.trait.name, proposal.value)
         return proposal.value

@@ -10,6 +10,7 @@ and the audit store for it and carries out its plan.
 from __future__ import annotations
 
 import asyncio
+import atexit
 from dataclasses import replace
 from typing import Any
 
@@ -87,6 +88,7 @@ async def maintain(app: Any, caretaker: GPUSpawner) -> None:
         await started  # the servers JupyterHub resumes are known only once it has started
     caretaker.hub = getattr(app, "hub", None)  # known once the hub has started
     resources.keep(keep_time(caretaker, app.log))  # the servers' time limits (gpuspawner.reclaim)
+    resources.keep(witness_the_audit_head(caretaker, app.log))
     while True:
         try:
             await reconcile_once(caretaker, app.log)
@@ -95,6 +97,25 @@ async def maintain(app: Any, caretaker: GPUSpawner) -> None:
         if caretaker.reconcile_interval <= 0:
             return
         await asyncio.sleep(caretaker.reconcile_interval)
+
+
+async def witness_the_audit_head(caretaker: GPUSpawner, log: Any) -> None:
+    """Write the audit log's head to the hub's log at start, every ``audit_head_log_interval`` and at
+    stop, each time checking the log against the head file: the hub's own log becomes one more
+    witness, and a rollback is refused (and logged) before the next spawn meets it."""
+    store = caretaker.audit_store()
+    atexit.register(lambda: log.info("Audit log head at hub stop: %s (%s)", store.head.text(), store.where))
+    when = "start"
+    while True:
+        try:
+            head = await store.check_head()
+            log.info("Audit log head at hub %s: %s (%s)", when, head.text(), store.where)
+        except AuditStoreError as e:
+            log.error("Audit log check at hub %s failed: %s", when, e)
+        if caretaker.audit_head_log_interval <= 0:
+            return
+        await asyncio.sleep(caretaker.audit_head_log_interval)
+        when = "check"
 
 
 def _server_view(spawner: GPUSpawner) -> reconcile.ServerView:
@@ -121,11 +142,11 @@ async def reconcile_once(caretaker: GPUSpawner, log: Any) -> reconcile.Plan:
     for c in todo.stop:
         log.warning("Stopping orphan %s %s of %s/%s: no server of this hub owns it", caretaker.object_type, c.name,
                     c.user, c.server)
-        await caretaker.end_server_object(c, remove=caretaker.remove)
+        ended_at = await caretaker.end_server_object(c, remove=caretaker.remove)
         if c.record_id:
             # the hub may have died before the record learnt its container's id: say which it was
             await close_record(store, c.record_id, log, reconcile.Ending(
-                "abandoned", reconcile.ORPHAN_STOPPED, container_id=c.id, container_name=c.name))
+                "abandoned", reconcile.ORPHAN_STOPPED, container_id=c.id, container_name=c.name, ended_at=ended_at))
     for c in todo.ended:
         ending = replace(await caretaker.ended_server_object(c), container_id=c.id, container_name=c.name)
         await close_record(store, c.record_id, log, ending)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .audit import AuditRecord, RecordedDevice
@@ -50,25 +50,63 @@ def gpu_share(device: RecordedDevice) -> float:
     return min(1.0, int(m.group(1)) / MIG_COMPUTE_SLICES) if m else 1.0
 
 
-def _holding(record: AuditRecord, now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime] | None:
-    """When the record's server held its devices: its start to its stop (or now); None if it held none."""
-    if not record.devices or not record.started_at:
+def model_label(device: RecordedDevice) -> str:
+    """What usage grouped by model calls a device: its model, and its MIG profile for a MIG device."""
+    return device.model + (f" MIG {device.mig_profile}" if device.mig_profile else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What usage needs of one server's record: who, which server and profile, its groups, when it
+    held its devices (epoch seconds; ``stopped`` None while it runs, ``started`` None if it never
+    held any), how many GPUs they are worth (:func:`gpu_share`) and how many there are, its idle
+    GPU-seconds, and each device as ``(model label, GPU share)`` (read only to group by model)."""
+
+    user: str
+    server: str
+    profile: str | None
+    groups: tuple[str, ...]
+    started: float | None
+    stopped: float | None
+    gpus: float
+    device_count: int
+    idle_gpu_seconds: float | None
+    devices: Callable[[], Sequence[tuple[str, float]]]
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> Held:
+        devices = tuple((model_label(d), gpu_share(d)) for d in record.devices)
+        return cls(
+            user=record.user, server=record.server, profile=record.profile, groups=tuple(record.groups),
+            started=parse_time(record.started_at).timestamp() if record.started_at else None,
+            stopped=parse_time(record.stopped_at).timestamp() if record.stopped_at else None,
+            gpus=float(sum(share for _, share in devices)), device_count=len(devices),
+            idle_gpu_seconds=record.idle_gpu_seconds, devices=lambda: devices,
+        )
+
+
+def _holding(held: Held, now: float) -> tuple[float, float] | None:
+    """When the server held its devices: its start to its stop (or now); None if it held none."""
+    if not held.device_count or held.started is None:
         return None
-    end = parse_time(record.stopped_at) if record.stopped_at else now
-    return parse_time(record.started_at), end
+    return held.started, held.stopped if held.stopped is not None else now
 
 
-def _within(start: datetime.datetime, end: datetime.datetime, *, since: datetime.datetime | None,
-            until: datetime.datetime) -> float:
+def _within(start: float, end: float, *, since: float | None, until: float) -> float:
     start = max(start, since) if since is not None else start
-    return max(0.0, (min(end, until) - start).total_seconds())
+    return max(0.0, min(end, until) - start)
 
 
-def held_seconds(record: AuditRecord, *, since: datetime.datetime | None, until: datetime.datetime,
+def _epoch(moment: datetime.datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def held_seconds(record: AuditRecord | Held, *, since: datetime.datetime | None, until: datetime.datetime,
                  now: datetime.datetime) -> float:
     """Seconds the record's server held its devices within [since, until): from its start to its stop (or now)."""
-    span = _holding(record, now)
-    return _within(*span, since=since, until=until) if span else 0.0
+    held = record if isinstance(record, Held) else Held.of(record)
+    span = _holding(held, now.timestamp())
+    return _within(*span, since=_epoch(since), until=until.timestamp()) if span else 0.0
 
 
 @dataclass
@@ -101,7 +139,7 @@ class UsageReport:
 
 
 def usage_report(
-    records: Iterable[AuditRecord], *, by: Sequence[str], since: datetime.datetime | None, until: datetime.datetime,
+    records: Iterable[AuditRecord | Held], *, by: Sequence[str], since: datetime.datetime | None, until: datetime.datetime,
     now: datetime.datetime,
 ) -> UsageReport:
     """GPU-hours and idle GPU-hours by `by` (columns of :data:`BY`) within [since, until).
@@ -113,21 +151,22 @@ def usage_report(
     unknown = [b for b in by if b not in BY]
     if unknown:
         raise ValueError(f"cannot group usage by {unknown[0]!r}; allowed: {', '.join(BY)}")
-    until = min(until, now)
+    now_s, since_s = now.timestamp(), _epoch(since)
+    until_s = min(until, now).timestamp()
     rows: dict[tuple[str, ...], Usage] = {}
     total = Usage(())
     for record in records:
-        span = _holding(record, now)
+        held = record if isinstance(record, Held) else Held.of(record)
+        span = _holding(held, now_s)
         if span is None:
             continue
-        seconds = _within(*span, since=since, until=until)
+        seconds = _within(*span, since=since_s, until=until_s)
         if seconds <= 0:
             continue
-        idle = _idle_in_period(record, seconds, span)
-        shares = [gpu_share(d) for d in record.devices]
-        gpus = sum(shares)
-        total.add(seconds=seconds, gpus=gpus, devices=len(shares), idle_seconds=idle)
-        for key, (key_gpus, key_devices) in _split(record, by, shares).items():
+        idle = _idle_in_period(held, seconds, span)
+        gpus = held.gpus
+        total.add(seconds=seconds, gpus=gpus, devices=held.device_count, idle_seconds=idle)
+        for key, (key_gpus, key_devices) in _split(held, by).items():
             part = None if idle is None or not gpus else idle * key_gpus / gpus
             row = rows.get(key)
             if row is None:
@@ -137,47 +176,45 @@ def usage_report(
 
 
 def gpu_usage(
-    records: Iterable[AuditRecord], *, by: Sequence[str], since: datetime.datetime | None, until: datetime.datetime,
+    records: Iterable[AuditRecord | Held], *, by: Sequence[str], since: datetime.datetime | None, until: datetime.datetime,
     now: datetime.datetime,
 ) -> list[Usage]:
     """The rows of :func:`usage_report`."""
     return usage_report(records, by=by, since=since, until=until, now=now).rows
 
 
-def _idle_in_period(record: AuditRecord, seconds: float,
-                    span: tuple[datetime.datetime, datetime.datetime]) -> float | None:
+def _idle_in_period(held: Held, seconds: float, span: tuple[float, float]) -> float | None:
     """The record's idle GPU-seconds in the period: its share `seconds` of the whole holding time."""
-    if record.idle_gpu_seconds is None:
+    if held.idle_gpu_seconds is None:
         return None
-    held = (span[1] - span[0]).total_seconds()
-    return record.idle_gpu_seconds * seconds / held if held > 0 else 0.0
+    whole = span[1] - span[0]
+    return held.idle_gpu_seconds * seconds / whole if whole > 0 else 0.0
 
 
-def _split(record: AuditRecord, by: Sequence[str], shares: Sequence[float]) -> dict[tuple[str, ...], tuple[float, int]]:
-    """Key -> (GPUs, devices) of the record: one key, or one per model, times one per group.
-    `shares`: each device's :func:`gpu_share`."""
+def _split(held: Held, by: Sequence[str]) -> dict[tuple[str, ...], tuple[float, int]]:
+    """Key -> (GPUs, devices) of the record: one key, or one per model, times one per group."""
     if "model" not in by:  # every device under the same keys
-        return {key: (sum(shares), len(shares)) for key in _keys(record, None, by)}
+        return {key: (held.gpus, held.device_count) for key in _keys(held, None, by)}
     keys: dict[tuple[str, ...], tuple[float, int]] = {}
-    for device, share in zip(record.devices, shares, strict=True):
-        for key in _keys(record, device, by):
+    for model, share in held.devices():
+        for key in _keys(held, model, by):
             gpus, devices = keys.get(key, (0.0, 0))
             keys[key] = (gpus + share, devices + 1)
     return keys
 
 
-def _keys(record: AuditRecord, device: RecordedDevice | None, by: Sequence[str]) -> Iterator[tuple[str, ...]]:
-    return itertools.product(*(_values(record, device, b) for b in by))
+def _keys(held: Held, model: str | None, by: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    return itertools.product(*(_values(held, model, b) for b in by))
 
 
-def _values(record: AuditRecord, device: RecordedDevice | None, name: str) -> tuple[str, ...]:
+def _values(held: Held, model: str | None, name: str) -> tuple[str, ...]:
     if name == "group":
-        return tuple(dict.fromkeys(record.groups)) or (NO_GROUP,)
+        return tuple(dict.fromkeys(held.groups)) or (NO_GROUP,)
     if name == "model":
-        assert device is not None
-        return (device.model + (f" MIG {device.mig_profile}" if device.mig_profile else ""),)
+        assert model is not None
+        return (model,)
     if name == "server":
-        return (f"{record.user}/{record.server}" if record.server else record.user,)
+        return (f"{held.user}/{held.server}" if held.server else held.user,)
     if name == "profile":
-        return (record.profile or NO_PROFILE,)
-    return (record.user,)
+        return (held.profile or NO_PROFILE,)
+    return (held.user,)

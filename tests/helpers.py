@@ -111,3 +111,21 @@ def build_docker_dir(bed: DockerBed, name: str, repo: str) -> str:
     except Exception:
         bed.client.images.build(path=str(path), tag=tag, rm=True)
     return tag
+
+
+def start_swarm_hub(start_hub: Any, bed: Any, profiles: list[dict[str, Any]], settings: str) -> RunningHub:
+    """A gpu-swarm hub on the swarm test bed `bed` with `profiles` and `settings` (config lines): it listens
+    on this host's end of the link to the overlay; servers reach it at the gateway's address on the overlay,
+    the proxy on this host directly."""
+    from testbed import free_port
+
+    port = free_port(bed.hub_ip)
+    return start_hub(spawner_class="gpu-swarm", hub_ip=bed.hub_ip, hub_port=port,  # type: ignore[no-any-return]
+                     env={"DOCKER_HOST": bed.manager_url}, extra=f"""
+c.JupyterHub.hub_bind_url = "http://{bed.hub_ip}:{port}"
+c.Spawner.hub_connect_url = "http://{bed.hub_connect_ip}:{port}"
+c.SwarmSpawner.network_name = {bed.network!r}
+c.GPUSpawner.profiles = {profiles!r}
+c.GPUSpawner.nvml_cache_seconds = 0
+{settings}
+""")

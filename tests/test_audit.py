@@ -1,4 +1,6 @@
-"""Audit records: sealed into a hash chain. (Exports and redaction: tests/test_export.py.)"""
+"""The earlier store format's whole-record seals and its verify, which a store is checked with before it is
+carried over into the append-only log (the log itself: tests/test_auditlog.py; exports: tests/test_export.py,
+redaction: tests/test_redaction.py)."""
 
 from __future__ import annotations
 

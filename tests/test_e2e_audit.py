@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
@@ -191,24 +192,63 @@ def test_every_spawn_failed_or_not_has_a_record_and_a_changed_record_fails_verif
     assert any("Unknown profile 'nope'" in e for e in errors) and any("No free GPU" in e for e in errors)
 
     verify = gpuspawner_cli(hub, "audit", "verify")
-    assert verify.returncode == 0 and verify.stdout.splitlines()[0] == "OK: 4 sealed records, 0 open; chain intact."
+    assert verify.returncode == 0, verify.stderr
+    assert re.fullmatch(r"OK: \d+ entries, 4 records \(0 open\); every seal holds\.", verify.stdout.splitlines()[0])
     # the hub made its sealing key on first start, for its owner's eyes only, and keeps the
-    # chain's head beside it: the head verify prints is the one kept outside the database
+    # log's head beside it: the head verify prints is the one kept outside the database
     key_file = hub.settings.workdir / "gpuspawner-audit.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     head = json.loads((hub.settings.workdir / "gpuspawner-audit.head").read_text())
-    assert f"Head: 4:{head['hash']} (4 records opened)" in verify.stdout
+    assert f"Head: {head['n']}:{head['mac']}" in verify.stdout
 
     victim = next(r for r in records if r.user == "bob")
     import sqlite3
 
     with sqlite3.connect(hub.settings.workdir / "gpuspawner-audit.sqlite") as db:
-        (data,) = db.execute("SELECT data FROM gpuspawner_audit WHERE id = ?", (victim.id,)).fetchone()
-        db.execute("UPDATE gpuspawner_audit SET data = ? WHERE id = ?", (data.replace('"bob"', '"eve"'), victim.id))
+        (body,) = db.execute("SELECT body FROM gpuspawner_audit_log WHERE n = ?", (victim.seq,)).fetchone()
+        db.execute("UPDATE gpuspawner_audit_log SET body = ? WHERE n = ?", (body.replace('"bob"', '"eve"'), victim.seq))
     verify = gpuspawner_cli(hub, "audit", "verify")
     assert verify.returncode == 2
-    assert verify.stderr.startswith("FAILED: 2 problems")  # its seal, and its opening seal (who it names)
-    assert f"record {victim.id} (#{victim.seq}): its content does not match its seal" in verify.stderr
+    assert verify.stderr.startswith("FAILED: 1 problem")
+    assert f"entry #{victim.seq} (ended of record {victim.id}): its content does not match its seal" in verify.stderr
+    marked = audit_store(hub).get(victim.id)
+    assert marked is not None and marked.integrity == "seals not checked (no key)"  # a reader without the key
+    exported = gpuspawner_cli(hub, "audit", "export", "--format", "jsonl")  # the CLI reads the key: it checks
+    (row,) = [json.loads(line) for line in exported.stdout.splitlines() if victim.id in line]
+    assert row["integrity"] == f"entry #{victim.seq} does not match its seal"
+
+
+def test_a_restored_older_copy_of_the_store_makes_the_hub_refuse_to_spawn_and_say_why(
+    start_hub: Callable[..., RunningHub], singleuser_image: str, tmp_path: Path
+) -> None:
+    """Roll back, then wait: the hub once numbered on from the restored copy and wrote over the gap."""
+    import sqlite3
+
+    hub = profile_hub(start_hub, singleuser_image, tmp_path, "c.JupyterHub.authenticate_prometheus = False\n")
+    db, backup = hub.settings.workdir / "gpuspawner-audit.sqlite", tmp_path / "backup.sqlite"
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    with sqlite3.connect(db) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)  # an admin's backup, while ada's server runs
+    hub.stop_server("ada")
+    wait_outcome(hub, "ada", "stopped")
+    with sqlite3.connect(backup) as copy, sqlite3.connect(db) as live:
+        copy.backup(live)  # restored over the live store: ada's end is gone
+
+    refused = hub.spawn("bob")
+    assert refused.status_code == 503, refused.text
+    assert "audit log failed its integrity check" in refused.json()["message"]
+    log = hub.log_file.read_text()
+    assert re.search(r"The audit log at \S+ ends at entry #\d+, but the head kept outside it \(\S+\) has seen #\d+: "
+                     r"the store was rolled back or replaced", log), hub.log_tail()
+    metrics = requests.get(f"{hub.url}/hub/metrics", timeout=10).text
+    assert re.search(r'^gpuspawner_audit_log_writable\{store="[^"]+"\} 0\.0$', metrics, re.MULTILINE), metrics
+    assert 'gpuspawner_spawn_refusals_total{reason="audit_log"} 1.0' in metrics
+    # nothing was written over the gap, and bob holds no GPU
+    assert [r.user for r in audit_store(hub).iter_records()] == ["ada"]
+    assert hub.api("GET", "/users/bob").json()["servers"] == {}
+    verify = gpuspawner_cli(hub, "audit", "verify")
+    assert verify.returncode == 2 and "the store was rolled back or replaced" in verify.stderr
 
 
 def test_exports_show_and_reproduce(start_hub: Callable[..., RunningHub], singleuser_image: str, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The deploy kit for real: the hub image builds from a locally made base and its hub answers;
-the compose file validates; the compose deployment gives each person an account of their own and
-its audit page shows the hub's own records."""
+the compose file validates and keeps the audit log's parts apart; the compose deployment gives each
+person an account of their own, its audit page shows the hub's own records, and its audit service,
+in a container of its own, flags a rollback of the hub's store."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import ROOT, unavailable
 from testbed import DockerBed, free_port, wait_for
@@ -92,6 +95,27 @@ def test_the_compose_file_validates_and_is_safe_by_default() -> None:
     assert (ROOT / "docker/.env").read_text().strip() == "COMPOSE_PROJECT_NAME=gpuspawner"
 
 
+def test_the_compose_file_keeps_the_audit_logs_key_and_witness_apart_from_its_database() -> None:
+    if shutil.which("docker-compose") is None:
+        unavailable("docker-compose is not installed (Debian package docker-compose)")
+    out = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    hub, audit = services["hub"], services["audit"]
+    # the hub writes the data and the key; the audit service reads them and alone holds the witness
+    assert {"hub-data:/srv/jupyterhub/data:rw", "audit-key:/srv/secrets:rw"} <= set(hub["volumes"])
+    assert not any(v.startswith("audit-witness:") for v in hub["volumes"])
+    assert set(audit["volumes"]) == {"hub-data:/srv/jupyterhub/data:ro", "audit-key:/srv/secrets:ro",
+                                     "audit-witness:/srv/witness:rw"}
+    assert hub["environment"]["GPUSPAWNER_AUDIT_KEY_FILE"] == audit["environment"]["GPUSPAWNER_AUDIT_KEY_FILE"]
+    assert hub["environment"]["GPUSPAWNER_AUDIT_KEY_FILE"].startswith("/srv/secrets/")
+    assert hub["environment"]["GPUSPAWNER_AUDIT_SERVICE_URL"] == "http://audit:10101"
+    assert audit["command"][:7] == ["python", "-m", "gpuspawner.service", "-f", "/srv/jupyterhub/jupyterhub_config.py",
+                                    "--witness-file", "/srv/witness/head.json"]
+    assert audit["image"] == hub["image"] and "ports" not in audit  # reached through the hub's proxy only
+    assert "deploy" in hub and "deploy" not in audit
+
+
 # --- The compose deployment, as an admin brings it up and people use it -------------------------
 
 
@@ -101,9 +125,11 @@ class Deployment:
 
     url: str
     hub: str  # the hub's container name
+    audit: str  # the audit service's container name
     admin: str  # its GPUSPAWNER_ADMIN_USERS
     network: str
     suffix: str  # in the names of this test's users, so their volumes are found and removed
+    metrics_token: str  # its GPUSPAWNER_METRICS_TOKEN
 
 
 @pytest.fixture
@@ -114,21 +140,25 @@ def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp
     project = "gpst" + secrets.token_hex(4)
     suffix = secrets.token_hex(3)
     dep = Deployment(
-        url=f"http://127.0.0.1:{free_port()}", hub=project + "-hub", admin="boss" + suffix, network=project + "-net",
-        suffix=suffix,
+        url=f"http://127.0.0.1:{free_port()}", hub=project + "-hub", audit=project + "-audit", admin="boss" + suffix,
+        network=project + "-net", suffix=suffix, metrics_token=secrets.token_hex(32),
     )
     # What differs from a lab's deployment: the image built here, names of this test's own.
     override = tmp_path / "docker-compose.test.yml"
     override.write_text(yaml.safe_dump({
-        "services": {"hub": {
-            "image": hub_image,
-            "container_name": dep.hub,
-            "environment": {"GPUSPAWNER_NETWORK": dep.network, "GPUSPAWNER_HUB_CONNECT_IP": dep.hub},
-        }},
+        "services": {
+            "hub": {
+                "image": hub_image,
+                "container_name": dep.hub,
+                "environment": {"GPUSPAWNER_NETWORK": dep.network, "GPUSPAWNER_HUB_CONNECT_IP": dep.hub},
+            },
+            "audit": {"image": hub_image, "container_name": dep.audit, "environment": {"GPUSPAWNER_NETWORK": dep.network}},
+        },
         "networks": {"gpuspawner": {"name": dep.network}},
     }))
-    # Set as a lab's admin sets them: in the environment of docker-compose.
-    env = dict(os.environ, GPUSPAWNER_ADMIN_USERS=dep.admin, GPUSPAWNER_IMAGE=singleuser_image, GPUSPAWNER_IDLE_TIMEOUT="0")
+    # Set as a lab's admin sets them: in the environment of docker-compose. The witness checks every second.
+    env = dict(os.environ, GPUSPAWNER_ADMIN_USERS=dep.admin, GPUSPAWNER_IMAGE=singleuser_image, GPUSPAWNER_IDLE_TIMEOUT="0",
+               GPUSPAWNER_METRICS_TOKEN=dep.metrics_token, GPUSPAWNER_AUDIT_WITNESS_SECONDS="1")
     merged = subprocess.run(
         ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override), "config"],
         env=env, capture_output=True, text=True, timeout=60,
@@ -162,7 +192,7 @@ def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp
         print(hub_logs(compose))  # shown when the test failed
         # The users' containers are the hub's, not compose's: they go first, or the network stays.
         for c in docker_bed.api.containers(all=True, filters={"network": dep.network}):
-            if c["Names"] != ["/" + dep.hub]:
+            if c["Names"] not in (["/" + dep.hub], ["/" + dep.audit]):
                 docker_bed.api.remove_container(c["Id"], force=True)
         subprocess.run([*compose, "down", "--volumes", "--remove-orphans", "--timeout", "5"],
                        env=env, capture_output=True, timeout=120)
@@ -172,8 +202,12 @@ def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp
 
 
 def hub_logs(compose: list[str]) -> str:
-    out = subprocess.run([*compose, "logs", "--no-color", "--tail", "80"], capture_output=True, text=True, timeout=60)
-    return out.stdout[-6000:]
+    """The last lines of each container's log: the hub's, then the audit service's."""
+    logs = []
+    for service in ("hub", "audit"):
+        out = subprocess.run([*compose, "logs", "--no-color", "--tail", "80", service], capture_output=True, text=True, timeout=60)
+        logs.append(out.stdout[-6000:])
+    return "\n".join(logs)
 
 
 class Person:
@@ -232,7 +266,7 @@ def audit_rows(html: str) -> list[tuple[str, str]]:
     return re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td>", body)
 
 
-def test_the_compose_deployment_gives_each_person_their_own_account_and_audits_their_servers(
+def test_the_compose_deployment_gives_each_person_their_own_account_audits_their_servers_and_witnesses_the_log(
     docker_bed: DockerBed, deployment: Deployment
 ) -> None:
     dep = deployment
@@ -278,3 +312,69 @@ def test_the_compose_deployment_gives_each_person_their_own_account_and_audits_t
     assert sorted(shown) == sorted((r["id"], r["user"]) for r in stored)
     # and not to a person who is not an admin
     assert bob.http.get(dep.url + "/services/audit/", timeout=60).status_code == 403
+
+    # The audit service, in its own container, has witnessed the log; then the hub's store is rolled back.
+    witness_flags_a_rollback(docker_bed, dep, admin)
+
+
+def scrape(dep: Deployment, *, token: str | None = None) -> dict[str, float]:
+    """The audit service's metrics, as Prometheus scrapes them through the hub's proxy."""
+    headers = {"Authorization": f"Bearer {token or dep.metrics_token}"}
+    r = requests.get(dep.url + "/services/audit/metrics", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text[-1000:]
+    return {s.name: s.value for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def newest_entry(hub: Any) -> int:
+    run = hub.exec_run(["python", "-c", "import sqlite3; print(sqlite3.connect('/srv/jupyterhub/data/gpuspawner-audit.sqlite')"
+                                        ".execute('SELECT max(n) FROM gpuspawner_audit_log').fetchone()[0])"])
+    assert run.exit_code == 0, run.output
+    return int(run.output.decode().strip())
+
+
+def witness_flags_a_rollback(docker_bed: DockerBed, dep: Deployment, admin: Person) -> None:
+    hub, audit = (docker_bed.client.containers.get(name) for name in (dep.hub, dep.audit))
+    # What each container mounts: the witness's volume is the audit service's alone; it reads the key
+    # and the data, and writes neither.
+    hub_mounts = {m["Destination"]: m for m in hub.attrs["Mounts"]}
+    audit_mounts = {m["Destination"]: m for m in audit.attrs["Mounts"]}
+    assert "/srv/witness" not in hub_mounts and not any("audit-witness" in m.get("Name", "") for m in hub_mounts.values())
+    assert audit_mounts["/srv/witness"]["Name"].endswith("_audit-witness") and audit_mounts["/srv/witness"]["RW"]
+    assert not audit_mounts["/srv/secrets"]["RW"] and not audit_mounts["/srv/jupyterhub/data"]["RW"]
+    assert audit_mounts["/srv/secrets"]["Name"] == hub_mounts["/srv/secrets"]["Name"] and hub_mounts["/srv/secrets"]["RW"]
+    tried = audit.exec_run(["sh", "-c", "echo 00 >> /srv/secrets/gpuspawner-audit.key"])
+    assert tried.exit_code != 0 and b"Read-only file system" in tried.output
+    assert requests.get(dep.url + "/services/audit/metrics", timeout=30).status_code == 403  # no token, no metrics
+
+    newest = newest_entry(hub)
+    assert newest >= 5  # the genesis entry, and two servers' lives
+
+    def witnessed() -> dict[str, float] | None:
+        found = scrape(dep)
+        return found if found.get("gpuspawner_audit_witnessed_entry") == newest else None
+
+    seen = wait_for(witnessed, timeout=60, interval=0.5, what="the witness to see the newest entry")
+    assert seen["gpuspawner_audit_verified"] == 1 and seen["gpuspawner_audit_seals_checked"] == 1
+
+    # Someone who can write the hub's store deletes its newest entries, with both containers running.
+    rolled = hub.exec_run(["python", "-c", "import sqlite3; c = sqlite3.connect('/srv/jupyterhub/data/gpuspawner-audit.sqlite'); "
+                                           f"c.execute('DELETE FROM gpuspawner_audit_log WHERE n > {newest - 2}'); c.commit()"])
+    assert rolled.exit_code == 0, rolled.output
+    def failed() -> dict[str, float] | None:
+        found = scrape(dep)
+        return found if found["gpuspawner_audit_verified"] == 0 else None
+
+    flagged = wait_for(failed, timeout=30, interval=0.5, what="the witness to flag the rollback")
+    assert flagged["gpuspawner_audit_witnessed_entry"] == newest and flagged["gpuspawner_audit_check_failures_total"] >= 1
+
+    page = admin.http.get(dep.url + "/services/audit/", timeout=60)
+    assert page.status_code == 200, page.text[-2000:]
+    banner = page.text.split('<div id="witness"', 1)[1].split("</div>", 1)[0]
+    assert 'class="witness failed"' in banner
+    assert html.unescape(f"the log ends at entry #{newest - 2}, but the audit service&#39;s witness has seen #{newest}") in html.unescape(banner)
+
+    verify = audit.exec_run(["gpuspawner", "audit", "verify", "--witness", "/srv/witness/head.json"])
+    said = verify.output.decode()
+    assert verify.exit_code == 2, said
+    assert said.startswith("FAILED") and f"the witness /srv/witness/head.json has seen #{newest}" in said
+    assert "rolled back" in said

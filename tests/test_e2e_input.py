@@ -38,12 +38,20 @@ def hub(start_hub: Callable[..., RunningHub], singleuser_image: str) -> RunningH
 
 
 def audit_rows(hub: RunningHub) -> list[tuple[str, str, int, str]]:
-    """(user, outcome, bytes of the record, the record) of every record in the hub's audit store."""
+    """(user, outcome, bytes of the record, the record) of every record in the hub's audit log: a record's
+    entries' bodies, all of them, as the log keeps them for good."""
     path = hub.settings.workdir / "gpuspawner-audit.sqlite"
     if not path.exists():
         return []
     with sqlite3.connect(path) as db:
-        return [(u, o, len(d.encode()), d) for u, o, d in db.execute("SELECT user, outcome, data FROM gpuspawner_audit")]
+        entries = db.execute("SELECT record_id, kind, user, outcome, body FROM gpuspawner_audit_log WHERE kind != 'genesis' ORDER BY n").fetchall()
+    records: dict[str, list[str]] = {}
+    for rid, kind, user, outcome, body in entries:
+        found = records.setdefault(rid, ["", "", ""])
+        found[0] = user or found[0]
+        found[1] = outcome if kind in ("opened", "ended") else found[1]
+        found[2] += body
+    return [(user, outcome, len(data.encode()), data) for user, outcome, data in records.values()]
 
 
 def hub_containers(hub: RunningHub, docker_bed: DockerBed) -> list[dict]:

@@ -16,8 +16,8 @@ from docker.types import EndpointSpec, Resources
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuspawner.store import AuditStore
-from helpers import gpus_cli, login, read_progress
-from testbed import free_port, wait_for
+from helpers import gpus_cli, login, read_progress, start_swarm_hub
+from testbed import wait_for
 from testbed.hub import RunningHub
 from testbed.swarm import SwarmBed
 
@@ -39,21 +39,11 @@ def swarm_hub(start_hub: Callable[..., RunningHub], swarm_bed: SwarmBed) -> Iter
     started: list[RunningHub] = []
 
     def start(extra: str = "") -> RunningHub:
-        port = free_port(bed.hub_ip)
-        # the hub listens on this host's end of the link to the overlay; servers reach it at the gateway's
-        # address on the overlay, the proxy on this host directly
-        hub = start_hub(spawner_class="gpu-swarm", hub_ip=bed.hub_ip, hub_port=port, env={"DOCKER_HOST": bed.manager_url},
-                        extra=f"""
-c.JupyterHub.hub_bind_url = "http://{bed.hub_ip}:{port}"
-c.Spawner.hub_connect_url = "http://{bed.hub_connect_ip}:{port}"
-c.SwarmSpawner.network_name = {bed.network!r}
-c.GPUSpawner.profiles = {profiles!r}
+        hub = start_swarm_hub(start_hub, bed, profiles, f"""
 c.GPUSpawner.gpu_wait_timeout = 120
-c.GPUSpawner.nvml_cache_seconds = 0
 c.Spawner.poll_interval = 2
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 1}}
-{extra}
-""")
+{extra}""")
         started.append(hub)
         return hub
 

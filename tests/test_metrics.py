@@ -14,6 +14,7 @@ from gpuspawner.allocation import GPURequest, Holder
 from gpuspawner.gpuqueue import Waiter
 from gpuspawner.hubwide import resources
 from gpuspawner.readings import DeviceReading, Readings, ServerReading
+from gpuspawner.store import AsyncAuditStore
 
 
 @pytest.fixture
@@ -81,4 +82,5 @@ def test_metric_names_lists_every_series_a_scrape_shows(scrape) -> None:  # type
     metrics.REFUSALS.labels("no_devices")
     metrics.GPU_SECONDS.labels("test-user", "")
     metrics.GPU_IDLE_SECONDS.labels("test-user", "")
+    resources.stores["sqlite://"] = AsyncAuditStore("sqlite://")
     assert set(scrape()) == metrics.metric_names()

@@ -9,10 +9,14 @@ from gpuspawner.reconcile import (
     ABANDONED_WHILE_STARTING,
     GONE_UNSEEN,
     ContainerView,
+    Ending,
     OpenRecord,
     ServerView,
     ended_container,
+    engine_time,
+    finished_at,
     plan,
+    stopped_at,
 )
 
 
@@ -113,3 +117,73 @@ def test_how_an_ended_container_is_recorded(state: dict | None, expected: dict) 
 def test_an_ending_names_the_container_it_was_read_from() -> None:
     ending = ended_container({"Id": "c1", "Name": "/jupyter-ada", "State": {"ExitCode": 1}})
     assert (ending.container_id, ending.container_name, ending.exit_code) == ("c1", "jupyter-ada", 1)
+
+
+# --- When a record ends: the engine's end time ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2026-11-21T10:00:02.123456789Z", "2026-11-21T10:00:02.123456+00:00"),  # Docker: nanoseconds, cut
+    ("2026-11-21T10:00:02.999999999Z", "2026-11-21T10:00:02.999999+00:00"),  # never rounded into the next second
+    ("2026-11-21T10:00:02Z", "2026-11-21T10:00:02.000000+00:00"),
+    ("2026-11-21T10:00:02.5z", "2026-11-21T10:00:02.500000+00:00"),
+    ("2026-11-21T12:00:02.1+02:00", "2026-11-21T10:00:02.100000+00:00"),
+    ("2026-11-21T08:30:02-0130", "2026-11-21T10:00:02.000000+00:00"),
+    ("2026-11-21 10:00:02.25", "2026-11-21T10:00:02.250000+00:00"),  # no zone: UTC
+    (" 2026-11-21T10:00:02Z\n", "2026-11-21T10:00:02.000000+00:00"),
+    ("0001-01-01T00:00:00Z", None),  # Docker's zero time: the container never finished
+    ("0001-01-01T00:00:00+01:00", None),
+    ("", None),
+    (None, None),
+    (1764000000, None),
+    ("yesterday", None),
+    ("2026-13-01T00:00:00Z", None),
+    ("2026-11-21T10:00:02Zjunk", None),
+], ids=["nanoseconds", "no-rounding-up", "whole-seconds", "lower-z", "offset", "offset-without-colon", "no-zone",
+        "blanks", "zero-time", "zero-time-offset", "empty", "none", "number", "words", "month-13", "trailing"])
+def test_an_engine_time_is_read_as_the_audit_log_stores_times(text: object, expected: str | None) -> None:
+    assert engine_time(text) == expected
+
+
+@pytest.mark.parametrize(("state", "expected"), [
+    ({"Running": False, "StartedAt": "2026-11-21T10:00:00.1Z", "FinishedAt": "2026-11-21T10:05:00.123456789Z"},
+     "2026-11-21T10:05:00.123456+00:00"),
+    ({"Running": False, "FinishedAt": "2026-11-21T10:05:00Z"}, "2026-11-21T10:05:00.000000+00:00"),
+    ({"Running": True, "StartedAt": "2026-11-21T10:00:00Z", "FinishedAt": "0001-01-01T00:00:00Z"}, None),
+    ({"Running": False, "StartedAt": "0001-01-01T00:00:00Z", "FinishedAt": "0001-01-01T00:00:00Z"}, None),  # created
+    # a kept container started again shows its previous end while it runs, and after a failed start
+    ({"Running": True, "StartedAt": "2026-11-21T11:00:00Z", "FinishedAt": "2026-11-21T10:05:00Z"}, None),
+    ({"Running": False, "StartedAt": "2026-11-21T11:00:00Z", "FinishedAt": "2026-11-21T10:05:00Z"}, None),
+    ({}, None),
+], ids=["exited", "no-start-time", "running", "never-started", "restarted-running", "restarted-unfinished", "no-state"])
+def test_a_container_ended_when_the_engine_says_it_finished_its_last_run(state: dict, expected: str | None) -> None:
+    assert finished_at({"State": state}) == expected
+
+
+def test_an_ended_container_ends_its_record_when_the_engine_says_and_the_time_is_no_field_of_the_record() -> None:
+    ending = ended_container({"Id": "c1", "State": {"ExitCode": 137, "FinishedAt": "2026-11-21T10:05:00.123456789Z"}})
+    assert ending.ended_at == "2026-11-21T10:05:00.123456+00:00"
+    assert "ended_at" not in ending.changes()
+    assert Ending("stopped", ended_at="2026-11-21T10:05:00.000000+00:00").changes() == {"outcome": "stopped"}
+
+
+REQUESTED, STARTED, READY = "2026-11-21T10:00:00.000000+00:00", "2026-11-21T10:00:01.000000+00:00", "2026-11-21T10:00:03.000000+00:00"
+NOW = "2026-11-21T10:05:30.000000+00:00"
+
+
+@pytest.mark.parametrize(("ended", "not_before", "expected"), [
+    ("2026-11-21T10:05:00.123456+00:00", (REQUESTED, STARTED, READY), "2026-11-21T10:05:00.123456+00:00"),
+    (None, (REQUESTED, STARTED, READY), NOW),  # the engine did not say: when the hub closes it
+    ("2026-11-21T10:06:00.000000+00:00", (REQUESTED, STARTED, READY), NOW),  # an engine clock ahead: never in the future
+    ("2026-11-21T10:00:00.500000+00:00", (REQUESTED, STARTED, None), STARTED),  # ended as it started: not before its start
+    ("2026-11-21T10:00:02.000000+00:00", (REQUESTED, STARTED, READY), READY),
+    ("2026-11-21T09:59:00.000000+00:00", (REQUESTED, None, None), REQUESTED),  # never noted started
+    ("2026-11-21T10:05:00.000000+00:00", (), "2026-11-21T10:05:00.000000+00:00"),
+    ("2026-11-21T10:05:00.000000+00:00", ("", "not a time", STARTED), "2026-11-21T10:05:00.000000+00:00"),
+    ("2026-11-21T12:05:00.000000+02:00", (STARTED,), "2026-11-21T12:05:00.000000+02:00"),  # compared as times
+], ids=["engine", "unknown", "future", "before-start", "before-ready", "before-request", "no-record-times",
+        "bad-record-times", "other-zone"])
+def test_a_record_stops_when_its_container_ended_within_its_own_times(
+    ended: str | None, not_before: tuple, expected: str
+) -> None:
+    assert stopped_at(ended, now=NOW, not_before=not_before) == expected

@@ -216,6 +216,39 @@ def test_a_task_holds_its_devices_from_assignment_until_it_has_ended(state: str,
     assert task.holds is holds
 
 
+ENDED = "2026-11-21T10:00:02.000000+00:00"  # task_json's Status.Timestamp, as gpuspawner stores times
+
+
+@pytest.mark.parametrize(
+    ("state", "ended_at"),
+    [
+        ("complete", ENDED), ("failed", ENDED), ("shutdown", ENDED), ("rejected", ENDED), ("orphaned", ENDED),
+        ("running", None), ("starting", None), ("pending", None), ("remove", None),  # not ended (yet)
+    ],
+)
+def test_a_task_that_ended_says_when_by_its_status_timestamp(state: str, ended_at: str | None) -> None:
+    assert swarm.task_from_api(task_json("t1", service_id="s1", node_id="n1", state=state)).ended_at == ended_at
+
+
+@pytest.mark.parametrize(
+    ("tasks", "ended_at"),
+    [
+        ([], None),
+        ([("failed", "2026-11-21T10:00:02.5Z")], "2026-11-21T10:00:02.500000+00:00"),
+        ([("failed", "2026-11-21T10:00:02Z"), ("shutdown", "2026-11-21T10:05:00.123456789Z")],
+         "2026-11-21T10:05:00.123456+00:00"),
+        ([("failed", "2026-11-21T10:00:02Z"), ("running", "2026-11-21T10:05:00Z")], None),
+        ([("failed", "0001-01-01T00:00:00Z")], None),
+    ],
+    ids=["no-task", "one", "the-last", "one-runs", "no-time"],
+)
+def test_a_service_ended_when_its_last_task_did(tasks: list[tuple[str, str]], ended_at: str | None) -> None:
+    found = [swarm.SwarmTask(id=f"t{i}", service_id="s1", service_name="jupyter-ada", node_id="n1", state=state,
+                             desired_state="shutdown", labels={}, resources=(), timestamp=timestamp)
+             for i, (state, timestamp) in enumerate(tasks)]
+    assert swarm.last_ended_at(found) == ended_at
+
+
 # --- The cluster's inventory ------------------------------------------------------------------------
 
 

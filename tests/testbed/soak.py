@@ -15,14 +15,17 @@ operations, whichever ends first:
   spawn requests (then the same hub is started again);
 - the engine observer: the Docker engine's event stream for this hub's containers, from before
   the first spawn. Which devices a container holds is read from its ``HostConfig.DeviceRequests``
-  when it is created; it holds them from its ``start`` event to its ``die`` event (``timeNano``);
+  when it is created; it holds them from its ``start`` event to its ``die`` event (``timeNano``),
+  and every ``die`` event is kept by container id;
 - a checker, every few seconds: overlapping device holdings in the event log so far, and running
   containers that no server of the hub owns.
 
 Afterwards every server is stopped through the hub and the whole record is checked: no device
 ever held by two running containers at once, none busy outside the hub or lost handed out, no
 orphan container, every audit record closed and agreeing with the engine's event log, every
-accepted spawn recorded, and ``gpuspawner audit verify`` passing.
+accepted spawn recorded, and ``gpuspawner audit verify`` passing. A record ends when its container
+ended: within ``SoakPlan.end_tolerance`` of the engine's ``die`` event for it, not when the hub
+noticed; so no two records of one exclusive device (a whole GPU, a MIG slice) overlap in time.
 
 Test scaffolding only: it drives a hub from outside, exactly as users and an admin's mishaps would.
 """
@@ -157,6 +160,7 @@ class SoakPlan:
     orphan_grace: float = 8.0  # a running container may be unowned this long (a stop on its way)
     lost_grace: float = 3.0  # a spawn that chose a GPU just before it was lost creates its container late
     closed_grace: float = 10.0  # a record may close this long before its container dies (stop on its way)
+    end_tolerance: float = 1.0  # seconds a record's end may be from its container's die event
     settle_timeout: float = 120.0
     # A record the hub lost track of (its server's spawn cut short by a SIGKILL, its container
     # killed right after the restart) is closed by the hub's next reconciliation: within
@@ -226,6 +230,7 @@ class ContainerLife:
     created_ns: int
     runs: list[list[int]] = field(default_factory=list)  # [start, die]; die FOREVER while running
     destroyed_ns: int | None = None
+    dies: list[int] = field(default_factory=list)  # every die event of the container (timeNano)
 
     @property
     def who(self) -> str:
@@ -470,6 +475,71 @@ def still_open_at(records: Iterable[Any], t_ns: int) -> bool:
     )
 
 
+def record_overlaps(records: Iterable[Any], *, t0_ns: int) -> tuple[list[Violation], int]:
+    """Pairs of audit records that held one exclusive device (a whole GPU, a MIG slice, or the GPU a
+    MIG slice is cut from) over the same time, each record from its ``started_at`` to its
+    ``stopped_at`` (still open: for ever); and how many records held a device from a start. A record
+    that never noted its start counted no GPU time, and is left out."""
+    fmt = clock(t0_ns)
+    holdings: dict[str, list[tuple[int, int, Any, str]]] = collections.defaultdict(list)
+    held = 0
+    for r in records:
+        if not r.started_at or not r.devices:
+            continue
+        held += 1
+        start, end = iso_to_ns(r.started_at), iso_to_ns(r.stopped_at) if r.stopped_at else FOREVER
+        for device in {d.uuid for d in r.devices}:
+            for key in conflict_keys(device):
+                holdings[key].append((start, end, r, device))
+    found: dict[tuple[Any, ...], Violation] = {}
+    for key, spans in holdings.items():
+        spans.sort(key=lambda s: s[0])
+        for i, (s1, e1, a, da) in enumerate(spans):
+            for s2, e2, b, db in spans[i + 1:]:
+                if s2 >= e1:
+                    break
+                vkey = ("two-records-one-device", key, *sorted((a.id, b.id)))
+                found.setdefault(vkey, Violation(
+                    kind="two-records-one-device", at_ns=s2, key=vkey,
+                    message=(
+                        f"{key} is in two audit records over the same {(min(e1, e2) - s2) / NS:.3f} s: "
+                        f"{a.id} of {a.user}/{a.server} ({a.outcome}, container {(a.container_id or 'none')[:12]}; "
+                        f"{fmt(s1)} to {fmt(e1)}) and {b.id} of {b.user}/{b.server} ({b.outcome}, container "
+                        f"{(b.container_id or 'none')[:12]}; {fmt(s2)} to {fmt(e2)})"
+                    ),
+                    containers=tuple(c for c in (a.container_id, b.container_id) if c),
+                    users=(f"{a.user}/{a.server}", f"{b.user}/{b.server}"), uuids=tuple(sorted({da, db})),
+                ))
+    return list(found.values()), held
+
+
+def record_ends_off_die(
+    records: Iterable[Any], lives: Mapping[str, ContainerLife], *, tolerance_ns: int, t0_ns: int
+) -> tuple[list[Violation], list[int]]:
+    """Sealed records whose end is further than `tolerance_ns` from the engine's die event of their
+    container (the nearest one: a kept container may run again), and the gap of every record whose
+    container died. A record whose container never ran, or whose death the log never showed, is
+    left to the other checks."""
+    fmt = clock(t0_ns)
+    found, gaps = [], []
+    for r in records:
+        life = lives.get(r.container_id or "")
+        if not (r.sealed and r.stopped_at and life is not None and life.dies):
+            continue
+        stopped = iso_to_ns(r.stopped_at)
+        died = min(life.dies, key=lambda t: abs(t - stopped))
+        gaps.append(abs(stopped - died))
+        if abs(stopped - died) > tolerance_ns:
+            found.append(Violation(
+                kind="record-end-not-at-die", at_ns=died, key=("end", r.id),
+                message=f"audit record {r.id} of {r.user}/{r.server} ({r.outcome}) stopped at {fmt(stopped)}, "
+                        f"{(stopped - died) / NS:+.3f} s from the die event of its container {life.id[:12]} "
+                        f"at {fmt(died)}",
+                containers=(life.id,), users=(f"{r.user}/{r.server}",), uuids=tuple(d.uuid for d in r.devices),
+            ))
+    return found, gaps
+
+
 # --- The engine observer --------------------------------------------------------------------------
 
 
@@ -528,6 +598,8 @@ class EngineObserver:
                 life.runs.append([t, FOREVER])
             elif action in ("die", "destroy") and life.running:
                 life.runs[-1][1] = t
+            if action == "die":
+                life.dies.append(t)
             if action == "destroy":
                 life.destroyed_ns = t
 
@@ -549,7 +621,7 @@ class EngineObserver:
         """A copy of the log so far (runs copied, so the reader sees one moment)."""
         with self._lock:
             return {
-                cid: ContainerLife(**{**life.__dict__, "runs": [list(r) for r in life.runs]})
+                cid: ContainerLife(**{**life.__dict__, "runs": [list(r) for r in life.runs], "dies": list(life.dies)})
                 for cid, life in self.lives.items()
             }
 
@@ -637,6 +709,8 @@ class SoakReport:
     max_gpu_containers: int = 0
     record_outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     operations: int = 0
+    device_records: int = 0  # records that held an exclusive device, checked for overlaps
+    end_gaps_ns: list[int] = field(default_factory=list)  # |record's end - its container's die event|
 
     @property
     def ok(self) -> bool:
@@ -657,7 +731,7 @@ class SoakReport:
             "| what | count |",
             "| --- | --- |",
         ]
-        rows = [(f"spawn requests: {kind} → {outcome}", n) for (kind, outcome), n in sorted(by.items())]
+        rows: list[tuple[str, int | str]] = [(f"spawn requests: {kind} → {outcome}", n) for (kind, outcome), n in sorted(by.items())]
         rows += [
             ("spawns accepted (201/202)", sum(a.accepted for a in self.attempts)),
             ("interrupted spawns (DELETE sent before the spawn request was answered)",
@@ -673,6 +747,12 @@ class SoakReport:
             ("most GPU containers running at once", self.max_gpu_containers),
         ]
         rows += [(f"audit records: {outcome}", n) for outcome, n in sorted(self.record_outcomes.items())]
+        rows += [
+            ("records of exclusive devices checked for overlaps", self.device_records),
+            ("records whose end was checked against their container's die event", len(self.end_gaps_ns)),
+            ("largest gap between a record's end and its container's die event (s)",
+             f"{max(self.end_gaps_ns, default=0) / NS:.3f}"),
+        ]
         kinds = collections.Counter(v.kind for v in self.violations)
         rows += [(f"VIOLATIONS: {kind}", n) for kind, n in sorted(kinds.items())]
         rows.append(("violations", len(self.violations)))
@@ -1076,6 +1156,11 @@ class Soak:
         self._note_violations(record_checks(
             records, lives, report.attempts, closed_grace_ns=int(self.plan.closed_grace * NS), t0_ns=report.t0_ns,
         ), during=False)
+        overlaps, report.device_records = record_overlaps(records, t0_ns=report.t0_ns)
+        self._note_violations(overlaps, during=False)
+        off_die, report.end_gaps_ns = record_ends_off_die(
+            records, lives, tolerance_ns=int(self.plan.end_tolerance * NS), t0_ns=report.t0_ns)
+        self._note_violations(off_die, during=False)
         self._note_violations(self._verify_chain(), during=False)
         if not any(life.runs for life in lives.values()):
             self._note_violations([Violation(
