@@ -609,14 +609,18 @@ class AuditStore:
         except (OSError, AuditStoreError) as e:
             log.error("Could not move the audit log's head %s forward to %s: %s", self.head_file, head.text(), e)
 
+    def _refused(self, refusal: AuditLogRefused) -> None:
+        """Keep why the store refuses to write; log it once, not at every refused write."""
+        if self.refusal != str(refusal):
+            log.error("%s", refusal)
+        self.refusal = str(refusal)
+
     def _write(self, work: Callable[[sa.Connection], tuple[list[Entry], T]], *, what: str,
                policy: RetryPolicy | None = None) -> T:
         try:
             sealed, result = self.transaction(work, what=what, policy=policy)
         except AuditLogRefused as e:
-            if self.refusal != str(e):
-                log.error("%s", e)
-            self.refusal = str(e)
+            self._refused(e)
             raise
         self._appended(sealed)
         return result
@@ -643,9 +647,7 @@ class AuditStore:
                 log.warning("The audit log's head file %s was missing; written anew at %s. Check the log with "
                             "`gpuspawner audit verify --witness` against a head kept elsewhere.", self.head_file, head.text())
         except AuditLogRefused as e:
-            if self.refusal != str(e):
-                log.error("%s", e)
-            self.refusal = str(e)
+            self._refused(e)
             raise
         self.refusal = None
         self._known = head if head.n > self._known.n else self._known
@@ -775,14 +777,8 @@ class AuditStore:
 
     def open_records(self, hub_id: str) -> list[AuditRecord]:
         """This hub's records that have not ended (those whose opening seal holds)."""
-        t = log_table
-        ended = sa.select(t.c.record_id).where(t.c.kind == "ended")
-        query = sa.select(t.c.record_id).where(
-            t.c.hub_id == hub_id, t.c.kind.in_(OPENING_KINDS), t.c.record_id.not_in(ended),
-            sa.or_(t.c.kind == "opened", t.c.outcome.not_in(tuple(FINAL_OUTCOMES))),
-        )
         with self.engine.connect() as conn:
-            ids = [row.record_id for row in conn.execute(query)]
+            ids = self._unended(conn, log_table.c.hub_id == hub_id)
             views = self._entries_of(conn, ids) if ids else {}
         records = [self._view(entries) for entries in views.values()]
         return [r for r in records if r is not None and not r.sealed and not r.integrity]
@@ -863,14 +859,21 @@ class AuditStore:
         if read is not None:
             read.append(UsageRead(rejected))
 
-    def _running(self, until: str | None) -> Iterator[AuditRecord]:
+    @staticmethod
+    def _unended(conn: sa.Connection, *conditions: sa.ColumnElement[bool]) -> list[str]:
+        """The ids of the records that have not ended (opened, or carried over before they ended) and meet `conditions`."""
         t = log_table
         ended = sa.select(t.c.record_id).where(t.c.kind == "ended")
-        conditions: list[sa.ColumnElement[bool]] = [t.c.kind == "opened", t.c.record_id.not_in(ended)]
-        if until:
-            conditions.append(t.c.requested_at < stored_time(until, where="until"))
+        query = sa.select(t.c.record_id).where(
+            t.c.kind.in_(OPENING_KINDS), t.c.record_id.not_in(ended),
+            sa.or_(t.c.kind == "opened", t.c.outcome.not_in(tuple(FINAL_OUTCOMES))), *conditions,
+        )
+        return [row.record_id for row in conn.execute(query)]
+
+    def _running(self, until: str | None) -> Iterator[AuditRecord]:
+        before = [log_table.c.requested_at < stored_time(until, where="until")] if until else []
         with self.engine.connect() as conn:
-            ids = [row.record_id for row in conn.execute(sa.select(t.c.record_id).where(*conditions))]
+            ids = self._unended(conn, *before)
         for chunk in _batched(ids, 1000):
             with self.engine.connect() as conn:
                 views = self._entries_of(conn, chunk)

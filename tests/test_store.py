@@ -553,6 +553,25 @@ def test_a_store_of_the_earlier_format_is_carried_over_once_with_its_history(tmp
     assert AuditStore(f"sqlite:///{path}", key=KEY, head_file=tmp_path / "head").verify().entries == 8
 
 
+def test_a_server_still_running_when_its_store_was_carried_over_counts_in_usage(tmp_path: Path) -> None:
+    import datetime
+
+    from gpuspawner.audit import RecordedDevice
+    from gpuspawner.usage import usage_report
+
+    path = tmp_path / "audit.sqlite"
+    legacy_store(path, sealed=1, open_=1, key=KEY)
+    gpu = RecordedDevice(uuid="GPU-0", model="A100", memory_total=1).__dict__
+    with sqlite3.connect(path) as db:  # the running server holds a GPU since 09:00
+        (data,) = db.execute("SELECT data FROM gpuspawner_audit WHERE id = 'r002'").fetchone()
+        data = json.loads(data) | {"devices": [gpu], "started_at": "2026-11-03T09:00:00+00:00"}
+        db.execute("UPDATE gpuspawner_audit SET data = ? WHERE id = 'r002'", (json.dumps(data),))
+    store = AuditStore(f"sqlite:///{path}", key=KEY, accept_adoption_problems=True)  # its opening seal no longer holds
+    now = datetime.datetime(2026, 11, 3, 11, tzinfo=datetime.timezone.utc)
+    report = usage_report(store.iter_held(), by=["user"], since=None, until=now, now=now)
+    assert report.total.gpu_hours == pytest.approx(2.0)
+
+
 def test_a_record_written_before_groups_and_idle_time_were_recorded_is_carried_over(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite"
     legacy_store(path, sealed=1, open_=0, key=KEY, drop=("groups", "idle_gpu_seconds"))
