@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -229,22 +228,6 @@ class ChainHead:
     def text(self) -> str:
         return f"{self.seq}:{self.hash}"
 
-    def advanced(self, other: ChainHead) -> ChainHead:
-        """The newer of the two, field by field (sealers in several processes finish in any order)."""
-        newer = other if other.seq > self.seq else self
-        return ChainHead(newer.seq, newer.hash, max(self.opened, other.opened))
-
-
-_HEAD = re.compile(r"^(\d+):([0-9a-f]{64})$")
-
-
-def parse_head(text: str) -> tuple[int, str]:
-    """``SEQ:HASH`` as ``verify`` prints it, e.g. ``12:3fa2…`` (64 hex digits)."""
-    m = _HEAD.match(text.strip().lower())
-    if not m:
-        raise ValueError(f"{text!r} is not a chain head; expected SEQ:HASH as `gpuspawner audit verify` prints it, e.g. 12:{'3f' * 32}")
-    return int(m.group(1)), m.group(2)
-
 
 @dataclass(frozen=True)
 class SealedEntry:
@@ -442,12 +425,3 @@ def verify_store(
         start=start,
         key=key_id(key),
     )
-
-
-def verify_chain(entries: Iterable[SealedEntry | AuditRecord], *, key: bytes) -> Verification:
-    """Check sealed records alone (no opening seals, no head): a chain made with `key` from its start."""
-    result = verify_store(
-        key=key, start=SealingStart(key_id=key_id(key), introduced_at="").signed(key), sealed=entries,
-        head_file=ChainHead(),
-    )
-    return result

@@ -20,10 +20,8 @@ from gpuspawner.audit import (
     key_id,
     opening_digest,
     opening_json,
-    parse_head,
     seal,
     seal_digest,
-    verify_chain,
     verify_store,
 )
 
@@ -45,6 +43,11 @@ def record(n: int, **kw: object) -> AuditRecord:
 
 KEY = bytes(range(32))
 
+
+def verify_chain(entries: list[AuditRecord], *, key: bytes) -> Verification:
+    """Sealed records alone (no opening seals, no head): a chain made with `key` from its start."""
+    start = SealingStart(key_id=key_id(key), introduced_at="").signed(key)
+    return verify_store(key=key, start=start, sealed=entries, head_file=ChainHead())
 
 def chain(n: int, *, key: bytes = KEY) -> list[AuditRecord]:
     sealed, prev = [], GENESIS
@@ -202,13 +205,6 @@ def test_a_missing_or_foreign_sealing_record_is_a_problem() -> None:
     assert verify_store(start=None, **args).problems[0].startswith("the store has no record of its sealing key")
     other = SealingStart(key_id=key_id(b"m" * 32), introduced_at="x").signed(b"m" * 32)
     assert "does not match this key" in verify_store(start=other, **args).problems[0]
-
-
-def test_a_head_is_written_and_read_as_seq_colon_hash() -> None:
-    assert parse_head(f"12:{'AB' * 32}") == (12, "ab" * 32)
-    with pytest.raises(ValueError, match="expected SEQ:HASH"):
-        parse_head("12")
-    assert ChainHead(3, "a" * 64, 4).advanced(ChainHead(2, "b" * 64, 7)) == ChainHead(3, "a" * 64, 7)
 
 
 def test_only_final_records_are_sealed() -> None:
