@@ -1,15 +1,17 @@
 """`gpuspawner usage` over 1,000,000 audit records: time and peak memory, through the real CLI.
 
-    python benchmarks/usage.py [--records 1000000] [--runs 3] [--keep DIR]
+    python benchmarks/usage.py [--records 1000000] [--runs 3] [--keep DIR [--reuse]] [--jobs N]
 
 Fills an SQLite audit database with records as the hub writes them (each with its opening
 seal; `AuditStore.insert_many`): 400 users in up to two of 12 groups, five profiles, 1 to 4
 devices (whole A100s and H100s, MIG slices), most stopped with their idle time sampled, some
 never sampled, some failed before a container started, some still running. It runs
-`gpuspawner usage --by user` and `--by model` as separate processes, first when a tenth of
-the records are in and again with all of them, and reports the median wall time of `--runs`
-runs and each command's peak resident memory (its own, from wait4): the same peak at a tenth
-and at all the records shows that memory does not grow with the record count.
+`gpuspawner usage --by user` and `--by model` as separate processes (reading the log in
+`--jobs` parts side by side, as usage does by default), and `--by user --jobs 1` (one
+process), first when a tenth of the records are in and again with all of them. It reports the
+median wall time of `--runs` runs and each command's peak resident memory: that of its largest
+process, from wait4 (with --jobs N there are N such processes besides the command's own). The
+same peak at a tenth and at all the records shows that memory does not grow with the record count.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from audit_export import bench_store  # benchmarks/ is on sys.path when a benchmark runs
 
@@ -101,8 +104,17 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3, help="runs of each command; the median wall time is reported")
     parser.add_argument("--keep", help="a folder to keep the database in")
+    parser.add_argument("--reuse", action="store_true", help="measure the database kept in --keep by an earlier run")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="usage's --jobs for the side-by-side runs (default: as usage, this machine's CPUs up to 8)")
     args = parser.parse_args()
-    folder, db, config = bench_store(args.keep)
+    if args.reuse:
+        if not args.keep:
+            parser.error("--reuse measures the database of an earlier --keep DIR: give that DIR")
+        folder = Path(args.keep)
+        db, config = folder / "audit.sqlite", folder / "jupyterhub_config.py"
+    else:
+        folder, db, config = bench_store(args.keep)
     url = f"sqlite:///{db}"
     key_file, head_file = folder / "audit.key", folder / "audit.head"
 
@@ -110,20 +122,22 @@ def main() -> None:
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}; {n:,} records")
     store = AuditStore(url, key=load_key(key_file, create=True), head_file=head_file)
     cli = [sys.executable, "-m", "gpuspawner.cli", "usage", "-f", str(config), "--format", "json"]
-    print(f"{'records':>10}  {'command':<16}{'median wall':>12}{'records/s':>12}{'peak RSS':>12}  GPU-hours (idle)")
-    filled = 0
-    for size in (n // 10, n):
-        t0 = time.perf_counter()
-        store.insert_many(records(filled + 1, size, n))
-        seconds = time.perf_counter() - t0
-        print(f"{'':>10}  filled {size - filled:,} records in {seconds:.1f} s ({(size - filled) / seconds:,.0f}/s); "
-              f"database {db.stat().st_size / 2**20:.0f} MiB")
-        filled = size
-        for by in ("user", "model"):
-            runs = [measured([*cli, "--by", by]) for _ in range(args.runs)]
+    print(f"{'records':>10}  {'usage':<22}{'median wall':>12}{'records/s':>12}{'peak RSS':>12}  GPU-hours (idle)")
+    filled = n if args.reuse else 0
+    for size in (n,) if args.reuse else (n // 10, n):
+        if size > filled:
+            t0 = time.perf_counter()
+            store.insert_many(records(filled + 1, size, n))
+            seconds = time.perf_counter() - t0
+            print(f"{'':>10}  filled {size - filled:,} records in {seconds:.1f} s ({(size - filled) / seconds:,.0f}/s); "
+                  f"database {db.stat().st_size / 2**20:.0f} MiB")
+            filled = size
+        for by, jobs in (("user", args.jobs), ("model", args.jobs), ("user", 1)):
+            runs = [measured([*cli, "--by", by, "--jobs", str(jobs)]) for _ in range(args.runs)]
             wall = statistics.median(r[0] for r in runs)
             total = json.loads(runs[0][2])["total"]
-            print(f"{size:>10,}  {'usage --by ' + by:<16}{wall:>11.1f}s{size / wall:>12,.0f}"
+            command = f"--by {by} --jobs {jobs}"
+            print(f"{size:>10,}  {command:<22}{wall:>11.1f}s{size / wall:>12,.0f}"
                   f"{max(r[1] for r in runs):>8.0f} MiB  {total['gpu_hours']:,.0f} ({total['idle_gpu_hours']:,.0f})")
     store.dispose()
     if not args.keep:

@@ -70,15 +70,15 @@ def hub_containers(hub_id: str) -> list[dict[str, Any]]:
     return containers
 
 
-def limits_of_servers(containers: list[dict[str, Any]], *, hub_id: str) -> dict[Holder, str]:
+def limits_of_servers(containers: list[dict[str, Any]], *, hub_id: str, clocks_file: Path) -> dict[Holder, str]:
     """Holder -> its time limits in words (idle time, time left), from its container's labels and the
     hub's idle clocks; the runtime counts from the container's creation."""
     import time
 
-    from .hubconfig import clocks_path, load_clocks
+    from .hubconfig import load_clocks
     from .limits import held_status, limits_from_label
 
-    clocks = load_clocks(clocks_path()).idle_since
+    clocks = load_clocks(clocks_file).idle_since
     found = {}
     for c in containers:
         found_labels = c.get("Labels") or {}
@@ -194,6 +194,7 @@ def format_table(rows: Sequence[dict[str, Any]], inventory: Inventory, hub_id: s
 
 def cmd_gpus(args: argparse.Namespace) -> int:
     from .claims import claims_from_containers, profiles_of_servers
+    from .hubconfig import clocks_path
     from .nvml import read_inventory
 
     hub = load_spawner_settings(args.config)
@@ -208,7 +209,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         claims_from_containers(containers, hub_id=hub_id),
         busy_memory_threshold=hub.busy_memory_threshold,
         server_profiles=profiles_of_servers(containers, hub_id=hub_id),
-        server_limits=limits_of_servers(containers, hub_id=hub_id),
+        server_limits=limits_of_servers(containers, hub_id=hub_id, clocks_file=clocks_path(hub.hub_database())),
     )
     if args.json:
         out = {
@@ -490,14 +491,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
     until = min(times.parse_time(args.until), now) if args.until else now
     since = times.parse_time(args.since) if args.since else None
     by = [b.strip() for b in args.by.split(",") if b.strip()]
-    # a record requested before the period may still hold GPUs in it: only the end bounds the stream
-    read: list[Any] = []
-    store = _store(args)
     try:
-        report = usage_report(store.iter_held(until=args.until, read=read), by=by, since=since, until=until, now=now)
+        usage_report([], by=by, since=since, until=until, now=now)
     except ValueError as e:
         raise CLIError(f"--by: {e}") from None
-    rejected = read[0].rejected if read else 0
+    store = _store(args)
+    report, rejected = _usage_read(store, args.jobs, until_arg=args.until, by=by, since=since, until=until, now=now)
     if rejected:
         print(f"gpuspawner usage: WARNING: {rejected} record(s) fail their seals or lie outside the log's numbering and "
               "are not counted; run `gpuspawner audit verify`.", file=sys.stderr)
@@ -529,6 +528,54 @@ def cmd_usage(args: argparse.Namespace) -> int:
               + ("; a server counts in each of its groups, so the groups add up to more" if "group" in by else "")
               + ")")
     return 0
+
+
+def _usage_read(store: Any, jobs: int, *, until_arg: str | None, smallest: int = 10_000, **period: Any) -> tuple[Any, int]:
+    """The usage report of the store's records and how many rows it rejected, read in up to `jobs` processes
+    side by side (each checks the seals of its part of the log, of at least `smallest` entries), then added up."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from .usage import merged_reports
+
+    parts = store.usage_parts(jobs, smallest=smallest)
+    if len(parts) == 1:
+        return _usage_part(store, parts[0], until_arg, period)
+    n = len(parts)
+    # fork: the process has loaded what a part needs, and holds no threads
+    with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
+        done = list(pool.map(_usage_part_apart, [store.url] * n, [store.key] * n, parts, [until_arg] * n, [period] * n))
+    return merged_reports(report for report, _ in done), sum(rejected for _, rejected in done)
+
+
+def _usage_part_apart(url: str, key: bytes | None, part: Any, until_arg: str | None, period: dict[str, Any]) -> tuple[Any, int]:
+    from .store import AuditStore
+
+    store = AuditStore(url, key=key, create=False)
+    try:
+        return _usage_part(store, part, until_arg, period)
+    finally:
+        store.dispose()
+
+
+def _usage_part(store: Any, part: Any, until_arg: str | None, period: dict[str, Any]) -> tuple[Any, int]:
+    from .usage import usage_report
+
+    # a record requested before the period may still hold GPUs in it: only the end bounds the stream
+    read: list[Any] = []
+    report = usage_report(store.iter_held(until=until_arg, read=read, part=part), **period)
+    return report, read[0].rejected
+
+
+def _jobs(text: str) -> int:
+    """An argparse type: a number of processes, 1 or more."""
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 or more)")
+    return jobs
 
 
 def _usage_figures(row: Usage) -> dict[str, Any]:
@@ -735,6 +782,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              "commas (default: user)",
     )
     usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    usage.add_argument(
+        "--jobs", type=_jobs, default=min(os.cpu_count() or 1, 8),
+        help="processes that read a large log side by side, each checking the seals of its part "
+             "(default: this machine's CPUs, at most 8)",
+    )
     usage.set_defaults(run=cmd_usage)
 
     reproduce = sub.add_parser("reproduce", parents=[config], help="a docker run command that recreates a record's environment")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,18 +42,22 @@ class ConfigFileError(Exception):
 
 
 def hub_db_url() -> str:
-    """The database URL of the running hub, made absolute for SQLite files; "" outside a hub."""
+    """The database URL of the hub running in this process, made absolute for SQLite files; "" outside a hub."""
+    if "jupyterhub.app" not in sys.modules:  # no hub here (and a command need not load one)
+        return ""
     from jupyterhub.app import JupyterHub
 
-    if not JupyterHub.initialized():
-        return ""
+    return absolute_db_url(JupyterHub.instance().db_url) if JupyterHub.initialized() else ""
+
+
+def absolute_db_url(url: str) -> str:
+    """`url` with a relative SQLite path made absolute (from the working directory): a relative path
+    names a different database from another working directory."""
     from sqlalchemy.engine import make_url
 
-    url: str = JupyterHub.instance().db_url
     parsed = make_url(url)
     database = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if database and database != ":memory:" and not os.path.isabs(database):
-        # A relative SQLite path names a different database from another working directory.
         scheme, sep, rest = url.partition(":///")
         url = scheme + sep + os.path.abspath(database) + rest[len(database):]
     return url
@@ -110,12 +115,13 @@ def stored_hub_id(db_url: str, *, create: bool) -> str:
     return derived
 
 
-def spawner_settings(config: Config, spawner_class: type | None = None) -> GPUSpawnerConfig:
+def spawner_settings(config: Config, spawner_class: type | None = None, *, db_url: str | None = None) -> GPUSpawnerConfig:
     """GPUSpawner's settings in `config`, built and checked by the traits' own validators.
 
     The values are those `spawner_class` (default GPUSpawner) would get: its sections and its
-    base classes', a subclass's winning, as traitlets resolves them. A bad value raises
-    ``ConfigError`` naming the class, the setting, the value and what is allowed. Builds no
+    base classes', a subclass's winning, as traitlets resolves them. `db_url`: the hub database's
+    URL, which places the hub's files (default: the hub running in this process). A bad value
+    raises ``ConfigError`` naming the class, the setting, the value and what is allowed. Builds no
     spawner and imports no Docker library (the ``gpuspawner`` commands, the audit service).
     """
     from traitlets import TraitError
@@ -129,7 +135,10 @@ def spawner_settings(config: Config, spawner_class: type | None = None) -> GPUSp
         if section in config:
             values.update((k, v) for k, v in config[section].items() if k in ours)
     name = sections[-1]
-    checker = type(name, (GPUSpawnerConfig,), {"create_hub_id": False})
+    members: dict[str, Any] = {"create_hub_id": False}
+    if db_url is not None:
+        members["hub_database"] = lambda self: db_url
+    checker = type(name, (GPUSpawnerConfig,), members)
     try:
         built: GPUSpawnerConfig = checker(config=Config({name: values}))
     except TraitError as e:
@@ -137,15 +146,19 @@ def spawner_settings(config: Config, spawner_class: type | None = None) -> GPUSp
     return built
 
 
+DEFAULT_DB_URL = "sqlite:///jupyterhub.sqlite"  # JupyterHub.db_url's default
+
+
 def load_spawner_settings(config_file: str | None) -> GPUSpawnerConfig:
     """GPUSpawner's settings from a jupyterhub_config.py, resolved and checked as the hub does.
 
+    The file is read as JupyterHub reads it (``c = get_config()``), without loading JupyterHub.
     Raises ConfigFileError for a file that is missing or fails to load, and ConfigError for a
     bad setting in it.
     """
-    from jupyterhub.app import JupyterHub
+    from traitlets.config.loader import PyFileConfigLoader
 
-    app = JupyterHub.instance()
+    config = Config()
     if config_file:
         path = Path(config_file).resolve()
         if not path.exists():
@@ -154,11 +167,14 @@ def load_spawner_settings(config_file: str | None) -> GPUSpawnerConfig:
         # hub started in the config's folder.
         os.chdir(path.parent)
         try:
-            app.load_config_file(str(path))
+            config = PyFileConfigLoader(path.name, path=str(path.parent)).load_config()
         except Exception as e:  # the file is Python: it may fail in any way
             raise ConfigFileError(config_file_failure(path, e)) from None
-    configured = app.config.JupyterHub.get("spawner_class")
-    return spawner_settings(app.config, configured if isinstance(configured, type) else None)
+    hub = config.JupyterHub if "JupyterHub" in config else Config()
+    configured = hub.get("spawner_class")
+    db_url = hub.get("db_url")
+    return spawner_settings(config, configured if isinstance(configured, type) else None,
+                            db_url=absolute_db_url(db_url if isinstance(db_url, str) and db_url else DEFAULT_DB_URL))
 
 
 def config_file_failure(path: Path, error: BaseException) -> str:
@@ -171,9 +187,10 @@ def config_file_failure(path: Path, error: BaseException) -> str:
     return f"the configuration file {path} failed{where}: {type(error).__name__}: {first_line}"
 
 
-def clocks_path() -> Path:
-    """Where the hub keeps its servers' idle clocks: in its data folder."""
-    return data_folder(hub_db_url()) / CLOCKS_FILE
+def clocks_path(db_url: str | None = None) -> Path:
+    """Where the hub keeps its servers' idle clocks: in the data folder of the hub whose database is
+    `db_url` (default: the hub running in this process)."""
+    return data_folder(hub_db_url() if db_url is None else db_url) / CLOCKS_FILE
 
 
 @dataclass

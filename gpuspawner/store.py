@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hmac
 import itertools
 import json
 import logging
@@ -348,6 +349,25 @@ class UsageRead:
     outside the log (counted, never added up)."""
 
     rejected: int = 0
+
+
+@dataclass(frozen=True)
+class UsagePart:
+    """A part of the log a usage read takes (:meth:`AuditStore.usage_parts`): the rows numbered above
+    `after` up to `upto`; None is no bound. The first part (no `after`) also takes rows without a number
+    and the servers still running; the last (no `upto`) also rows whose number is no number at all (text
+    sorts after numbers). The default is the whole log."""
+
+    after: int | None = None
+    upto: int | None = None
+
+    def conditions(self, n: sa.ColumnElement[Any]) -> list[sa.ColumnElement[bool]]:
+        found: list[sa.ColumnElement[bool]] = []
+        if self.upto is not None:
+            found.append(n <= self.upto if self.after is not None else sa.or_(n <= self.upto, n.is_(None)))
+        if self.after is not None:
+            found.append(n > self.after)
+        return found
 
 
 class AuditStore:
@@ -815,31 +835,42 @@ class AuditStore:
                 return
             after = (rows[-1].requested_at, rows[-1].record_id)
 
-    def iter_held(self, *, until: str | None = None, read: list[UsageRead] | None = None,
+    def usage_parts(self, count: int, *, smallest: int = 10_000) -> list[UsagePart]:
+        """`count` parts (one for a log of fewer than `smallest` entries a part) that :meth:`iter_held` can
+        read side by side: every row of the log falls in exactly one of them, whatever its number holds."""
+        with self.engine.connect() as conn:
+            top = conn.execute(sa.select(sa.func.max(log_table.c.n)).where(log_table.c.n < 2**62)).scalar()
+        if count <= 1 or not isinstance(top, int) or not auditlog.is_number(top) or top < smallest * count:
+            return [UsagePart()]
+        cuts = [top * i // count for i in range(1, count)]
+        return [UsagePart(after, upto) for after, upto in zip([None, *cuts], [*cuts, None], strict=True)]
+
+    def iter_held(self, *, until: str | None = None, read: list[UsageRead] | None = None, part: UsagePart = UsagePart(),
                   batch: int = 20_000) -> Iterator[Held]:
         """What usage needs of every record requested before `until`, streamed: ended servers from the
         columns of their closing entries (their usage seals checked when the store has the key), running
-        ones from their entries. Rows that fail their check are left out and counted in ``read[0]``."""
+        ones from their entries. Rows that fail their check are left out and counted in ``read[0]``.
+        With `part` (of :meth:`usage_parts`), only the records of that part."""
         rejected = 0
         t = log_table
-        wanted = [t.c[name] for name in auditlog.USAGE_COLUMNS] + [t.c.usage_mac]
-        conditions: list[sa.ColumnElement[bool]] = [t.c.usage_mac.is_not(None)]
+        conditions: list[sa.ColumnElement[bool]] = [t.c.usage_mac.is_not(None), *part.conditions(t.c.n)]
         if until:
             conditions.append(t.c.requested_at < stored_time(until, where="until"))
         key = self.key
-        seals = len(auditlog.USAGE_COLUMNS)
         at = {name: i for i, name in enumerate(auditlog.USAGE_COLUMNS)}
         user, server, profile, outcome, started, stopped, gpus, count, idle, models, groups = (
             at[name] for name in ("user", "server", "profile", "outcome", "started", "stopped", "gpus", "device_count",
                                   "idle", "models", "groups"))
+        sealed_text = "\x1f".join(["%s"] * len(auditlog.USAGE_COLUMNS))  # auditlog.usage_text, as one C-level format
         group_lists: dict[str | None, tuple[str, ...]] = {}  # a few distinct lists, read once each
+        digest, is_number, final = hmac.digest, auditlog.is_number, FINAL_OUTCOMES
+        query = sa.select(*(t.c[name] for name in auditlog.USAGE_COLUMNS), t.c.usage_mac).where(*conditions)
         with self.engine.connect() as conn:
-            result = conn.execution_options(yield_per=batch).execute(sa.select(*wanted).where(*conditions))
-            for row in result:
-                if not auditlog.is_number(row[0]) or (key is not None and auditlog.usage_mac(key, row[:seals]) != row[seals]):
+            for row in conn.execution_options(yield_per=batch).execute(query):
+                if not is_number(row[0]) or (key is not None and digest(key, (sealed_text % row[:-1]).encode(), "sha256").hex() != row[-1]):
                     rejected += 1
                     continue
-                if row[started] is None or row[outcome] not in FINAL_OUTCOMES:
+                if row[started] is None or row[outcome] not in final:
                     continue
                 listed = group_lists.get(row[groups])
                 if listed is None:
@@ -849,16 +880,16 @@ class AuditStore:
                     stopped=row[stopped], gpus=row[gpus] or 0.0, device_count=row[count] or 0, idle_gpu_seconds=row[idle],
                     devices=_device_shares(row[models]),
                 )
-        with self.engine.connect() as conn:  # an end without a usage seal is none the hub wrote
-            rejected += conn.execute(sa.select(sa.func.count()).where(t.c.kind == "ended", t.c.usage_mac.is_(None))).scalar() or 0
-        for record in self._running(until):
-            if record.integrity and key is not None:
-                rejected += 1
-            else:
-                yield Held.of(record)
+        if part.after is None:  # the first part also reads what has no closing entry with a usage seal
+            with self.engine.connect() as conn:  # an end without a usage seal is none the hub wrote
+                rejected += conn.execute(sa.select(sa.func.count()).where(t.c.kind == "ended", t.c.usage_mac.is_(None))).scalar() or 0
+            for record in self._running(until):
+                if record.integrity and key is not None:
+                    rejected += 1
+                else:
+                    yield Held.of(record)
         if read is not None:
             read.append(UsageRead(rejected))
-
     @staticmethod
     def _unended(conn: sa.Connection, *conditions: sa.ColumnElement[bool]) -> list[str]:
         """The ids of the records that have not ended (opened, or carried over before they ended) and meet `conditions`."""
@@ -967,12 +998,15 @@ def _device_shares(models: str | None) -> Callable[[], list[tuple[str, float]]]:
 
 
 def _life(record: AuditRecord, *, at: str) -> list[Entry]:
-    """The entries the hub would have written for `record`: opened, devices and start, ended."""
+    """The entries the hub would have written for `record`: opened, devices and start (once it has
+    either), ended (once it has ended)."""
     opened = replace(record, outcome="requested", devices=(), started_at=None, stopped_at=None)
-    if record.outcome not in FINAL_OUTCOMES:
-        return [auditlog.opening(replace(opened, outcome=record.outcome), at=at)]
-    middle = {"devices": record.devices, "started_at": record.started_at, "outcome": "starting"}
-    return [auditlog.opening(opened, at=at), auditlog.change(record.id, middle, at=at), auditlog.closing(record, at=at)]
+    ended = record.outcome in FINAL_OUTCOMES
+    entries = [auditlog.opening(opened if ended else replace(opened, outcome=record.outcome), at=at)]
+    if record.devices or record.started_at:
+        middle = {"devices": record.devices, "started_at": record.started_at, "outcome": "starting" if ended else record.outcome}
+        entries.append(auditlog.change(record.id, middle, at=at))
+    return [*entries, auditlog.closing(record, at=at)] if ended else entries
 
 
 class StoreOpener:

@@ -93,6 +93,11 @@ class GPUSpawnerConfig(LoggingConfigurable):
 
     create_hub_id = True  # the hub writes its identity on first start; a command only reads it
 
+    def hub_database(self) -> str:
+        """The hub's own database URL (absolute for SQLite), which places its data folder: the running
+        hub's; settings read from a configuration file by a command know it from the file."""
+        return hub_db_url()
+
     hub_id = Unicode(
         help="""
         A name for this hub, written into the labels of every container it creates.
@@ -436,15 +441,15 @@ class GPUSpawnerConfig(LoggingConfigurable):
 
     @default("hub_id")
     def _default_hub_id(self) -> str:
-        return stored_hub_id(hub_db_url(), create=self.create_hub_id)
+        return stored_hub_id(self.hub_database(), create=self.create_hub_id)
 
     @default("audit_db_url")
     def _default_audit_db_url(self) -> str:
-        return default_audit_db_url(hub_db_url())
+        return default_audit_db_url(self.hub_database())
 
     @default("audit_key_file")
     def _default_audit_key_file(self) -> str:
-        return default_audit_key_file(hub_db_url())
+        return default_audit_key_file(self.hub_database())
 
     @default("audit_head_file")
     def _default_audit_head_file(self) -> str:

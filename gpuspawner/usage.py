@@ -21,7 +21,8 @@ whole; a record without groups counts under ``(no group)``. The report's ``total
 every record once.
 
 :func:`usage_report` folds records one at a time into totals keyed by the chosen columns, so a
-million records take constant memory.
+million records take constant memory; :func:`merged_reports` adds up reports of parts of the
+records read side by side.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .audit import AuditRecord, RecordedDevice
 from .times import parse_time
@@ -55,7 +57,7 @@ def model_label(device: RecordedDevice) -> str:
     return device.model + (f" MIG {device.mig_profile}" if device.mig_profile else "")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs three times as much, a second a million records
 class Held:
     """What usage needs of one server's record: who, which server and profile, its groups, when it
     held its devices (epoch seconds; ``stopped`` None while it runs, ``started`` None if it never
@@ -129,6 +131,14 @@ class Usage:
         if idle_seconds is not None:
             self.idle_gpu_hours = (self.idle_gpu_hours or 0.0) + idle_seconds / 3600
 
+    def merge(self, other: Usage) -> None:
+        """Add the figures of `other` (another part of the same records, same key) to this row."""
+        self.gpu_hours += other.gpu_hours
+        self.device_hours += other.device_hours
+        self.servers += other.servers
+        if other.idle_gpu_hours is not None:
+            self.idle_gpu_hours = (self.idle_gpu_hours or 0.0) + other.idle_gpu_hours
+
 
 @dataclass
 class UsageReport:
@@ -154,6 +164,16 @@ def usage_report(
     now_s, since_s = now.timestamp(), _epoch(since)
     until_s = min(until, now).timestamp()
     rows: dict[tuple[str, ...], Usage] = {}
+    keyed: dict[tuple[Any, ...], tuple[Usage, ...]] = {}  # the rows of each (user, server, profile, groups, model)
+
+    def rows_of(held: Held, model: str | None) -> tuple[Usage, ...]:
+        who = (held.user, held.server, held.profile, held.groups, model)
+        found = keyed.get(who)
+        if found is None:
+            found = keyed[who] = tuple(rows.setdefault(key, Usage(key)) for key in _keys(held, model, by))
+        return found
+
+    by_model = "model" in by
     total = Usage(())
     for record in records:
         held = record if isinstance(record, Held) else Held.of(record)
@@ -166,12 +186,25 @@ def usage_report(
         idle = _idle_in_period(held, seconds, span)
         gpus = held.gpus
         total.add(seconds=seconds, gpus=gpus, devices=held.device_count, idle_seconds=idle)
-        for key, (key_gpus, key_devices) in _split(held, by).items():
+        for model, (key_gpus, key_devices) in (_by_model(held) if by_model else {None: (gpus, held.device_count)}).items():
             part = None if idle is None or not gpus else idle * key_gpus / gpus
-            row = rows.get(key)
-            if row is None:
-                row = rows[key] = Usage(key)
-            row.add(seconds=seconds, gpus=key_gpus, devices=key_devices, idle_seconds=part)
+            for row in rows_of(held, model):
+                row.add(seconds=seconds, gpus=key_gpus, devices=key_devices, idle_seconds=part)
+    return UsageReport(sorted(rows.values(), key=lambda r: (-r.gpu_hours, r.key)), total)
+
+
+def merged_reports(reports: Iterable[UsageReport]) -> UsageReport:
+    """One report from reports of disjoint parts of the records (made with the same `by` and period):
+    the report :func:`usage_report` gives for all of them at once, but for the order floats are added in."""
+    rows: dict[tuple[str, ...], Usage] = {}
+    total = Usage(())
+    for report in reports:
+        total.merge(report.total)
+        for row in report.rows:
+            mine = rows.get(row.key)
+            if mine is None:
+                mine = rows[row.key] = Usage(row.key)
+            mine.merge(row)
     return UsageReport(sorted(rows.values(), key=lambda r: (-r.gpu_hours, r.key)), total)
 
 
@@ -191,16 +224,13 @@ def _idle_in_period(held: Held, seconds: float, span: tuple[float, float]) -> fl
     return held.idle_gpu_seconds * seconds / whole if whole > 0 else 0.0
 
 
-def _split(held: Held, by: Sequence[str]) -> dict[tuple[str, ...], tuple[float, int]]:
-    """Key -> (GPUs, devices) of the record: one key, or one per model, times one per group."""
-    if "model" not in by:  # every device under the same keys
-        return {key: (held.gpus, held.device_count) for key in _keys(held, None, by)}
-    keys: dict[tuple[str, ...], tuple[float, int]] = {}
+def _by_model(held: Held) -> dict[str | None, tuple[float, int]]:
+    """Model label -> (GPUs, devices) of the record's devices."""
+    models: dict[str | None, tuple[float, int]] = {}
     for model, share in held.devices():
-        for key in _keys(held, model, by):
-            gpus, devices = keys.get(key, (0.0, 0))
-            keys[key] = (gpus + share, devices + 1)
-    return keys
+        gpus, devices = models.get(model, (0.0, 0))
+        models[model] = (gpus + share, devices + 1)
+    return models
 
 
 def _keys(held: Held, model: str | None, by: Sequence[str]) -> Iterator[tuple[str, ...]]:

@@ -234,3 +234,64 @@ def test_the_usage_command_shows_groups_and_idle_hours_in_each_format(tmp_path: 
     by_group = usage_command(tmp_path, GROUPED, "--by", "group").splitlines()
     assert by_group[-1].endswith(": 3.14, idle 1.07 (a MIG slice counts its share of its GPU; a server counts in each "
                                  "of its groups, so the groups add up to more)")
+
+
+# --- Reading a large log in parts, side by side ----------------------------------------------------
+
+
+def parted_store(tmp_path: Path) -> AuditStore:
+    """A store of RECORDS and GROUPED twenty times over (new ids), plus rows a database writer forged
+    outside the numbering and one whose number is text, in a table rebuilt without constraints."""
+    import sqlite3
+
+    from gpuspawner import auditlog
+
+    path = tmp_path / "audit.sqlite"
+    store = AuditStore(f"sqlite:///{path}", key=bytes(range(32)))
+    store.insert_many(
+        AuditRecord(**{**r.__dict__, "id": f"{r.id}-{i}"}) for i in range(20) for r in [*RECORDS, *GROUPED]
+    )
+    columns = ", ".join(f'"{c}"' for c in auditlog.COLUMNS)
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            f"CREATE TABLE loose ({columns}); INSERT INTO loose SELECT {columns} FROM gpuspawner_audit_log;"
+            "DROP TABLE gpuspawner_audit_log; ALTER TABLE loose RENAME TO gpuspawner_audit_log;"
+        )
+        (top,) = db.execute("SELECT max(n) FROM gpuspawner_audit_log").fetchone()
+        (ended,) = db.execute("SELECT n FROM gpuspawner_audit_log WHERE kind = 'ended' LIMIT 1").fetchone()
+        renumbered = columns.replace('"n"', "?", 1)
+        for n in (None, 0, -1, top + 5, f"{ended}"):  # copies of a real closing entry, renumbered
+            db.execute(f"INSERT INTO gpuspawner_audit_log ({columns}) SELECT {renumbered} FROM gpuspawner_audit_log "
+                       "WHERE n = ?", (n, ended))
+    return store
+
+
+def test_every_row_of_the_log_falls_in_exactly_one_part(tmp_path: Path) -> None:
+    store = parted_store(tmp_path)
+    parts = store.usage_parts(3, smallest=1)
+    assert len(parts) == 3
+    counts = []
+    for part in parts:
+        read: list = []
+        counts.append((sum(1 for _ in store.iter_held(read=read, part=part)), read[0].rejected))
+    whole: list = []
+    assert sum(c for c, _ in counts) == sum(1 for _ in store.iter_held(read=whole))
+    assert sum(r for _, r in counts) == whole[0].rejected == 5  # each forged copy once, in whichever part holds it
+    assert store.usage_parts(3) == [store.usage_parts(1)[0]]  # a small log is read in one part
+
+
+@pytest.mark.parametrize("by", [["user"], ["model"], ["group", "profile"], ["server"]], ids=str)
+def test_usage_read_in_parts_side_by_side_is_the_usage_read_at_once(tmp_path: Path, by: list[str]) -> None:
+    from gpuspawner import cli
+
+    store = parted_store(tmp_path)
+    period = {"by": by, "since": SINCE, "until": UNTIL, "now": NOW}
+    whole, rejected = cli._usage_read(store, 1, until_arg=None, **period)
+    parted, parted_rejected = cli._usage_read(store, 3, until_arg=None, smallest=1, **period)  # three processes
+    assert (parted_rejected, rejected) == (5, 5)
+    assert [r.key for r in parted.rows] == [r.key for r in whole.rows]
+    for mine, theirs in zip([*parted.rows, parted.total], [*whole.rows, whole.total], strict=True):
+        assert (mine.servers, mine.idle_gpu_hours is None) == (theirs.servers, theirs.idle_gpu_hours is None)
+        assert (mine.gpu_hours, mine.device_hours, mine.idle_gpu_hours or 0) == pytest.approx(
+            (theirs.gpu_hours, theirs.device_hours, theirs.idle_gpu_hours or 0))
+    assert whole.total.servers == 20 * 5 + 20 * 3  # each once, the running ones (r5) in the first part only
