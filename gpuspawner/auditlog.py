@@ -379,18 +379,26 @@ class Witness:
     name: str
 
 
-class _Walk:
-    """One pass over the log's rows in stored order, checking each against the one before."""
+class LogWalk:
+    """One pass over the log's rows in the order of their numbers, checking each against the one before.
 
-    def __init__(self, key: bytes, wanted: Iterable[int]) -> None:
+    From the genesis entry (`start` ``Head()``), or from entry ``start.n`` on (a witness that has seen it:
+    that entry's own link is left to its seal and the witness's check of it). Without a `key` the seals
+    go unchecked; the numbering, the links and each of `witnesses` are checked all the same. Feed it with
+    :meth:`row`, then :meth:`finish`; ``problems`` says what it found.
+    """
+
+    def __init__(self, key: bytes | None, witnesses: Iterable[Witness] = (), *, start: Head = Head()) -> None:
         self.key = key
+        self.start = start
         self.problems = Problems()
-        self.expected = 1
-        self.prev = GENESIS
-        self.head = Head()
-        self.entries = 0
-        self.wanted = set(wanted)
-        self.seen: dict[int, str] = {}
+        self.expected = max(start.n, 1)
+        self.prev = GENESIS if start.n == 0 else start.mac
+        self.head = start
+        self.entries = 0  # rows read
+        self.numbered = 0  # rows read in their place in the numbering
+        self.witnesses = [w for w in witnesses if w.head.n > 0]
+        self.seen: set[int] = set()
         self.genesis: dict[str, Any] | None = None
         self.open: set[str] = set()
         self.closed = 0
@@ -405,32 +413,35 @@ class _Walk:
             self.problems.add(f"entry #{n} appears again after #{self.expected - 1} (a duplicated or moved row)")
             return
         if n > self.expected:
-            self.problems.add(f"{_span(self.expected, n - 1)} missing (deleted)")
-        elif entry.prev != self.prev:
+            self.problems.add(f"{_span(self.expected, n - 1)} missing (deleted){self._seen_among(self.expected, n - 1)}")
+        elif n == 1 and entry.kind != "genesis":
+            self.problems.add("entry #1 is not the log's genesis entry")
+        elif n != self.start.n and entry.prev != self.prev:
             self.problems.add(f"entry #{n}: its link to the entry before it does not match (a row moved or replaced)")
-        if not seal_holds(self.key, entry) or not entry.body_matches:
+        if self.key is not None and not (seal_holds(self.key, entry) and entry.body_matches):
             self.problems.add(self._broken_seal(entry))
         elif n == 1:
-            self._genesis(entry)
+            self.genesis = _json_object(entry.body) if entry.kind == "genesis" else None
         else:
             self._record(entry)
-        if n in self.wanted:
-            self.seen[n] = str(entry.mac)
+        for witness in self.witnesses:
+            if witness.head.n == n:
+                self.seen.add(n)
+                if entry.mac != witness.head.mac:
+                    self.problems.add(f"entry #{n} is not the one {witness.name} has seen: the log was rewritten")
+        self.numbered += 1
         self.expected, self.prev, self.head = n + 1, str(entry.mac), Head(n, str(entry.mac))
 
+    def _seen_among(self, first: int, last: int) -> str:
+        return "".join(f"; {w.name} has seen #{w.head.n}" for w in self.witnesses if first <= w.head.n <= last)
+
     def _broken_seal(self, entry: Entry) -> str:
-        if entry.n == 1 and entry.kind == "genesis":
+        if entry.n == 1 and entry.kind == "genesis" and self.key is not None:
             named = _json_object(entry.body).get("key_id")
             if named and named != key_id(self.key):
                 return (f"the log was started with key {named!s:.20}, not this key ({key_id(self.key)}): "
                         "the key file was replaced, or this is another hub's log")
         return f"entry #{entry.n} ({entry.kind!s:.20} of record {entry.record_id!s:.80}): its content does not match its seal"
-
-    def _genesis(self, entry: Entry) -> None:
-        if entry.kind != "genesis":
-            self.problems.add("entry #1 is not the log's genesis entry")
-            return
-        self.genesis = _json_object(entry.body)
 
     def _record(self, entry: Entry) -> None:
         rid = str(entry.record_id)
@@ -440,28 +451,23 @@ class _Walk:
             self.open.discard(rid)
             self.closed += 1
 
-    def finish(self, *, witnesses: Iterable[Witness]) -> Verification:
-        if self.entries == 0 or self.genesis is None and not self.problems.listed:
+    def finish(self, *, end: int | None = None) -> None:
+        """The checks only the whole pass can make: a log read from its start has its genesis entry, and the
+        log does not end before any witness's head. `end`: the log's newest entry number as read apart from
+        the rows, for the message where no row from ``start.n`` on was there."""
+        if self.numbered:
+            last = self.head.n
+        else:  # nothing from start.n on: the log ends before it
+            last = max(0, self.start.n - 1 if end is None else min(end, self.start.n - 1))
+        if self.start.n == 0 and not self.entries:
+            self.problems.add("the log has no entries, not even its genesis entry (its rows were deleted)")
+        elif self.start.n == 0 and self.genesis is None and not self.problems.listed:
             self.problems.add("the log has no genesis entry (its first rows were deleted, or this is not a gpuspawner log)")
-        for witness in witnesses:
-            self._witness(witness)
-        return Verification(
-            ok=not self.problems.listed, entries=self.entries, problems=tuple(self.problems.listed),
-            more_problems=self.problems.more, head=self.head, records=self.closed + len(self.open),
-            open_records=len(self.open), key=key_id(self.key), genesis=self.genesis,
-        )
-
-    def _witness(self, witness: Witness) -> None:
-        n, mac = witness.head.n, witness.head.mac
-        if n == 0:
-            return
-        if n > self.head.n:
-            self.problems.add(
-                f"the log ends at entry #{self.head.n}, but {witness.name} has seen #{n}: "
-                f"{_span(self.head.n + 1, n)} gone (the store was rolled back or replaced)"
-            )
-        elif self.seen.get(n) != mac:
-            self.problems.add(f"entry #{n} is not the one {witness.name} has seen: the log was rewritten")
+        for witness in self.witnesses:
+            n = witness.head.n
+            if n not in self.seen and last < n:
+                self.problems.add(f"the log ends at entry #{last}, but {witness.name} has seen #{n}: "
+                                  f"{_span(last + 1, n)} gone (the store was rolled back or replaced)")
 
 
 def _json_object(text: Any) -> dict[str, Any]:
@@ -478,8 +484,12 @@ def verify_log(rows: Iterable[Entry], *, key: bytes, witnesses: Iterable[Witness
 
     The genesis entry must name `key`: a log started with another key fails at its first entry.
     """
-    witnesses = list(witnesses)
-    walk = _Walk(key, (w.head.n for w in witnesses))
+    walk = LogWalk(key, witnesses)
     for entry in rows:
         walk.row(entry)
-    return walk.finish(witnesses=witnesses)
+    walk.finish()
+    return Verification(
+        ok=not walk.problems.listed, entries=walk.entries, problems=tuple(walk.problems.listed),
+        more_problems=walk.problems.more, head=walk.head, records=walk.closed + len(walk.open),
+        open_records=len(walk.open), key=key_id(key), genesis=walk.genesis,
+    )

@@ -22,8 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .audit import GENESIS, Problems
-from .auditlog import Entry, Head, Verification, Witness, is_number, seal_holds
+from .auditlog import Entry, Head, LogWalk, Verification, Witness
 
 NAME = "the audit service's witness"
 
@@ -48,71 +47,6 @@ class Check:
     at: float = 0.0
 
 
-def _span(first: int, last: int) -> str:
-    return f"entry #{first} is" if first == last else f"entries #{first}-#{last} are"
-
-
-class _Walk:
-    """One pass over the entries numbered from ``start.n`` on (from #1 where ``start.n`` is 0)."""
-
-    def __init__(self, *, start: Head, witnesses: Sequence[Witness], key: bytes | None) -> None:
-        self.key = key
-        self.start = start
-        self.expected = max(start.n, 1)
-        self.prev = GENESIS if start.n == 0 else start.mac
-        self.head = start
-        self.problems = Problems()
-        self.witnesses = [w for w in witnesses if w.head.n > 0]
-        self.seen: set[int] = set()
-        self.read = 0
-
-    def add(self, problem: str) -> None:
-        self.problems.add(problem)
-
-    def row(self, entry: Entry) -> None:
-        n = entry.n
-        if not is_number(n):
-            self.add(f"a row of record {entry.record_id!r:.80} has entry number {n!r:.40}: it is outside the log's numbering")
-            return
-        if n < self.expected:
-            self.add(f"entry #{n} appears again after #{self.expected - 1} (a duplicated or moved row)")
-            return
-        if n > self.expected:
-            self.add(f"{_span(self.expected, n - 1)} missing (deleted){self._seen_among(self.expected, n - 1)}")
-        elif n == 1 and entry.kind != "genesis":
-            self.add("entry #1 is not the log's genesis entry")
-        elif n != self.start.n and entry.prev != self.prev:
-            # The start entry's own link is covered by its seal (and the witness's check of it).
-            self.add(f"entry #{n}: its link to the entry before it does not match (a row moved or replaced)")
-        if self.key is not None and not (seal_holds(self.key, entry) and entry.body_matches):
-            self.add(f"entry #{n} ({entry.kind!s:.20} of record {entry.record_id!s:.80}): its content does not match its seal")
-        for witness in self.witnesses:
-            if witness.head.n == n:
-                self.seen.add(n)
-                if entry.mac != witness.head.mac:
-                    self.add(f"entry #{n} is not the one {witness.name} has seen: the log was rewritten")
-        self.read += 1
-        self.expected, self.prev, self.head = n + 1, str(entry.mac), Head(n, str(entry.mac))
-
-    def _seen_among(self, first: int, last: int) -> str:
-        seen = [w for w in self.witnesses if first <= w.head.n <= last]
-        return "".join(f"; {w.name} has seen #{w.head.n}" for w in seen)
-
-    def finish(self, *, end: int | None) -> tuple[list[str], int]:
-        if self.read:
-            last = self.head.n
-        else:  # nothing from start.n on: the log ends before it
-            last = max(0, self.start.n - 1 if end is None else min(end, self.start.n - 1))
-            if self.start.n == 0:
-                self.add("the log has no entries, not even its genesis entry (its rows were deleted)")
-        for witness in self.witnesses:
-            n = witness.head.n
-            if n not in self.seen and last < n:
-                self.add(f"the log ends at entry #{last}, but {witness.name} has seen #{n}: "
-                         f"{_span(last + 1, n)} gone (the store was rolled back or replaced)")
-        return self.problems.listed, self.problems.more
-
-
 def check_extension(
     witnessed: Head, rows: Iterable[Entry], *, key: bytes | None, at: float, kind: CheckKind = "poll",
     start: Head | None = None, also: Sequence[Witness] = (), end: int | None = None, name: str = NAME,
@@ -127,12 +61,11 @@ def check_extension(
     find in the rows. `end`: the log's newest entry number as read apart from `rows`, for the
     message when the log ends before ``witnessed.n``.
     """
-    start = witnessed if start is None else start
-    witnesses = [Witness(witnessed, name), *also]
-    walk = _Walk(start=start, witnesses=witnesses, key=key)
+    walk = LogWalk(key, [Witness(witnessed, name), *also], start=witnessed if start is None else start)
     for entry in rows:
         walk.row(entry)
-    problems, more = walk.finish(end=end)
+    walk.finish(end=end)
+    problems, more = walk.problems.listed, walk.problems.more
     listed = tuple(problems) + ((f"… and {more} more",) if more else ())
     ok = not problems
     return Check(kind=kind, ok=ok, problems=listed, head=walk.head if ok else witnessed, seals_checked=key is not None, at=at)

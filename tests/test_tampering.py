@@ -456,7 +456,7 @@ def test_the_witness_catches_every_attack_that_changes_the_log_at_its_next_poll(
         ("delete_the_newest_entries", "at its next poll: the log ends at entry #10, but the audit service's witness has seen #12"),
         # the witness keeps the key it first read: a log re-sealed with another one fails at once
         ("reseal_everything_with_a_new_key", "at its next poll: the log was started with key …, not this key"),
-        ("wipe_the_log", "at its next poll: the log has no genesis entry"),
+        ("wipe_the_log", "at its next poll: the log has no entries, not even its genesis entry"),
     ],
 )
 def test_the_witness_names_a_rollback_or_a_rewrite(table_answers: list[tuple[Attack, Answers]], attack: str, answer: str) -> None:
@@ -496,7 +496,7 @@ def test_a_witness_of_a_log_too_large_to_read_at_every_poll_sees_a_rollback_at_o
         ("delete_a_running_servers_entries", "entries #8-#9 are missing (deleted)"),
         ("edit_a_running_servers_image", "entry #8 (opened of record r4): its content does not match its seal"),
         ("delete_the_genesis_entry", "entry #1 is missing (deleted)"),
-        ("wipe_the_log", "the log has no genesis entry"),
+        ("wipe_the_log", "the log has no entries, not even its genesis entry"),
         ("swap_the_key_file", "the log was started with key …, not this key (…): the key file was replaced"),
         ("delete_the_head_file", "the head kept outside the database (…/gpuspawner-audit.head) is missing"),
         ("corrupt_the_head_file", "FAILED: the audit log's head …/gpuspawner-audit.head is unreadable"),

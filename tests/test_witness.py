@@ -113,7 +113,7 @@ def test_the_witnessed_entry_must_still_be_there_as_it_was_seen(
         (without(6), None, ["entry #6 is missing (deleted)"]),
         (without(4), KEY, ["entry #4 is missing (deleted); the audit service's witness has seen #4"]),
         (changed_at(7, prev="f" * 64), None, ["entry #7: its link to the entry before it does not match (a row moved or replaced)"]),
-        (changed_at(6, n="6"), KEY, ["a row of record 'r006' has entry number '6': it is outside the log's numbering",
+        (changed_at(6, n="6"), KEY, ["a row of record r006 has entry number '6': it is outside the log's numbering",
                                      "entry #6 is missing (deleted)"]),
         (lambda log: [*log[:6], log[5], *log[6:]], KEY, ["entry #6 appears again after #6 (a duplicated or moved row)"]),
     ],
