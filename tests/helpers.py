@@ -43,6 +43,17 @@ c.GPUSpawner.nvml_cache_seconds = 0
 """
 
 
+def one_gpu_hub_with_ada(start_hub: Any, folder: Path, extra: str = "") -> RunningHub:
+    """A hub of one simulated GPU whose servers each ask for it (and `extra` settings), with ada's server ready."""
+    import simnvml
+
+    spec = simnvml.write_spec(folder / "gpus.json", [simnvml.gpu(0)])
+    hub: RunningHub = start_hub(extra=sim_config(spec, f"c.GPUSpawner.gpu_request = 1\n{extra}"))
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    return hub
+
+
 def container_of(bed: DockerBed, hub: RunningHub, user: str) -> dict[str, Any]:
     """The one container of `user` made by `hub` (found by its labels)."""
     (c,) = [c for c in bed.containers_labelled(f"gpuspawner.hub={hub.settings.hub_id}") if c["Labels"]["gpuspawner.user"] == user]

@@ -22,7 +22,7 @@ from gpuspawner import seams
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore, load_key
 from gpuspawner.times import parse_time
-from helpers import container_of, sim_config, start_swarm_hub
+from helpers import container_of, one_gpu_hub_with_ada, start_swarm_hub
 from testbed import DockerBed, wait_for
 from testbed.hub import RunningHub
 from testbed.swarm import SwarmBed
@@ -77,12 +77,9 @@ def finished_at(engine: DockerBed | docker.DockerClient, container_id: str) -> f
 def test_a_killed_gpu_servers_record_ends_when_its_container_died_before_the_next_holder_of_its_gpu_started(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
-    spec = simnvml.write_spec(tmp_path / "gpus.json", [simnvml.gpu(0)])
     gpu0 = simnvml.gpu(0)["uuid"]
     # The hub polls its servers only when asked (a DELETE polls first): it notices ada's death late.
-    hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1\nc.Spawner.poll_interval = 3600\n"))
-    assert hub.spawn("ada").status_code in (201, 202)
-    hub.wait_ready("ada")
+    hub = one_gpu_hub_with_ada(start_hub, tmp_path, "c.Spawner.poll_interval = 3600")
     wait_for(lambda: records(hub, "ada")[0].outcome == "running", timeout=30, what="ada's record to say running")
     ada_container = container_of(docker_bed, hub, "ada")["Id"]
     killed = time.time()
@@ -147,10 +144,7 @@ def test_a_dead_container_no_server_owns_ends_its_record_when_it_died_not_when_t
 def test_a_server_the_hub_stops_ends_its_record_when_its_container_stopped(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
-    spec = simnvml.write_spec(tmp_path / "gpus.json", [simnvml.gpu(0)])
-    hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1\n"))
-    assert hub.spawn("ada").status_code in (201, 202)
-    hub.wait_ready("ada")
+    hub = one_gpu_hub_with_ada(start_hub, tmp_path)
     wait_for(lambda: records(hub, "ada")[0].outcome == "running", timeout=30, what="ada's record to say running")
     container = container_of(docker_bed, hub, "ada")["Id"]
     asked = time.time()

@@ -21,7 +21,7 @@ import simnvml
 from gpuspawner import reconcile, seams
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore, load_key
-from helpers import container_of, sim_config
+from helpers import container_of, one_gpu_hub_with_ada, sim_config
 from testbed import TESTBED_DIR, DockerBed, wait_for
 from testbed.hub import RunningHub
 
@@ -179,10 +179,7 @@ def test_a_gpu_held_by_a_container_this_hub_did_not_make_is_never_granted(
 def test_a_container_killed_behind_the_hubs_back_closes_its_record_with_the_exit_code(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
-    spec = simnvml.write_spec(tmp_path / "gpus.json", [simnvml.gpu(0)])
-    hub = start_hub(extra=sim_config(spec, "c.GPUSpawner.gpu_request = 1\nc.Spawner.poll_interval = 1\n"))
-    assert hub.spawn("ada").status_code in (201, 202)
-    hub.wait_ready("ada")
+    hub = one_gpu_hub_with_ada(start_hub, tmp_path, "c.Spawner.poll_interval = 1")
     docker_bed.api.kill(container_of(docker_bed, hub, "ada")["Id"])
 
     record = sealed_record(hub, "ada")
