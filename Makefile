@@ -7,7 +7,7 @@ CHP_VERSION ?= 5
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test bench system system-test engine testbed reference clean
+.PHONY: run test bench gpu-check system system-test engine testbed reference clean
 
 run: system $(VENV)/.installed $(VENV)/bin/configurable-http-proxy engine
 	@image=$$(PYTHON=$(PY) docker/singleuser/build.sh gpuspawner/singleuser jupyterlab) && \
@@ -25,6 +25,12 @@ test: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
 # Spawn performance against DockerSpawner (about 12 minutes on 2 CPUs); rewrites the README's results table.
 bench: system-test $(VENV)/.installed $(VENV)/bin/configurable-http-proxy testbed
 	$(PY) benchmarks/spawn.py --update-readme $(BENCH_ARGS)
+
+# On a host with NVIDIA's driver: gpuspawner against the real GPUs (tests/test_real_gpu.py), ending in a
+# summary to paste. Fails where no driver answers; PyTorch, Docker and the NVIDIA Container Toolkit are
+# used where present (GPUSPAWNER_TORCH_PYTHON, GPUSPAWNER_GPU_CHECK_IMAGE: see the test's docstring).
+gpu-check: $(VENV)/.installed
+	GPUSPAWNER_REQUIRE_GPU=1 $(PY) -m pytest tests/test_real_gpu.py -s -v -rs $(PYTEST_ARGS)
 
 system:
 	docker/host/system-deps.sh run

@@ -273,12 +273,12 @@ if metrics_token:
 c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles
 
-# --- The audit log: every server's environment, for admins at /services/audit/ ----------------
+# --- The audit log: every server's environment, at /services/audit/ (admins: all; users: their own) ---
 # The sealing key and the log's head file live apart from the audit database (docker-compose.yml: a
 # volume of their own, written by the hub only; GPUSPAWNER_AUDIT_KEY_FILE). The audit service is also the
 # log's witness: in docker-compose.yml it runs in a container of its own (GPUSPAWNER_AUDIT_SERVICE_URL),
 # keeping the heads it has seen where the hub cannot write.
-from gpuspawner.service import audit_service, external_audit_service  # noqa: E402
+from gpuspawner.service import audit_service, external_audit_service, users_read_own_records  # noqa: E402
 
 
 def moved_audit_file(path: Path) -> Path:
@@ -319,6 +319,9 @@ if audit_service_url:
     )
 else:
     audit_service(c, config_file=__file__)
+# Every user reads the records of their own servers there (CSV, JSONL, RO-Crate, the docker run line), and
+# gets 403 for anyone else's; admins (and holders of custom:gpuspawner-audit:read) read everyone's.
+users_read_own_records(c)
 
 # --- The GPU page: every device, who holds it, its last hour, GPU-hours this month, at /services/gpus/ ---
 # Admins and the audit's readers see it; it reads the hub's metrics with a token of its own (read:metrics).

@@ -64,6 +64,9 @@ class AuditRecord:
     docker_version: str | None = None
     driver_version: str | None = None
     cuda_driver_version: str | None = None
+    # the image's CUDA requirements (NVIDIA_REQUIRE_*, CUDA_VERSION) that the driver met, as the spawn judged
+    # them (gpuspawner.cudareq); None for a CPU-only server, an image with none, or a record before they were kept
+    cuda_requirement: str | None = None
     devices: tuple[RecordedDevice, ...] = ()
     device_requests: tuple[Mapping[str, Any], ...] = ()
     environment: Mapping[str, str] = field(default_factory=dict)  # without secrets

@@ -1,23 +1,26 @@
 """What a user chooses: the profiles open to them, the spawn form, and the image option.
 
 :class:`UserChoice` (a base of :class:`gpuspawner.spawner.GPUSpawner`) turns the configured
-profiles (a list, or a callable) into the spawn form with live availability and the GPU queue's
-length per profile, turns the form's fields into ``user_options`` (DockerSpawner's
-``@default("options_from_form")`` pattern, so an admin's own ``options_from_form`` is used), and
-checks a user's ``image`` option as DockerSpawner does.
+profiles (a list, or a callable) into the spawn form with live availability, the GPU queue's
+length per profile and whether its image's CUDA requirements hold here (:mod:`gpuspawner.cudareq`),
+turns the form's fields into ``user_options`` (DockerSpawner's ``@default("options_from_form")``
+pattern, so an admin's own ``options_from_form`` is used), and checks a user's ``image`` option as
+DockerSpawner does.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from jupyterhub.utils import maybe_future
 from tornado import web
 from traitlets import default
 
-from . import images, settings, userinput
-from .allocation import Holder
-from .devices import Inventory
+from . import cudareq, images, settings, userinput
+from .allocation import GPURequest, Holder
+from .devices import Device, Inventory
 from .dockerpath import DockerPath
 from .form import form_entries, render_form
 from .gpuqueue import queue_lengths
@@ -26,6 +29,7 @@ from .hubwide import resources
 from .nvml import NVMLInventory, NVMLTimeout
 from .profiles import OptionsError, Profile, allowed_profiles, parse_profiles
 from .profiles import options_from_form as profile_from_form
+from .pulls import local_image_env
 
 
 class UserChoice(DockerPath):
@@ -100,9 +104,64 @@ class UserChoice(DockerPath):
         entries = form_entries(
             mine, inventory, claims, holder=self.holder, busy_memory_threshold=self.busy_memory_threshold,
             waiting=waiting, last_choice=(self.user_options or {}).get("profile"),
-            queued=queue_lengths(list(resources.waiters.values())),
+            queued=queue_lengths(list(resources.waiters.values())), unfit=await self._unfit_profiles(mine, inventory),
         )
         return render_form(entries, waiting=waiting, template_file=self.profile_form_template)
+
+    async def _unfit_profiles(self, mine: Sequence[Profile], inventory: Inventory) -> dict[str, str]:
+        """Slug -> why its image cannot start here, for each GPU profile whose image's CUDA requirements
+        the driver does not meet (an image not on the engine yet is judged once pulled)."""
+        if inventory.problem:
+            return {}
+        gpu_profiles = [p for p in mine if p.gpus.wants_gpu]
+        verdicts = await asyncio.gather(*(self.image_fit(
+            str(p.image), environment={**self._configured_environment(), **p.environment}, request=p.gpus,
+            inventory=inventory) for p in gpu_profiles))
+        return {p.slug: v.reason for p, v in zip(gpu_profiles, verdicts, strict=True) if v is not None and not v.met}
+
+    def _configured_environment(self) -> dict[str, str]:
+        """``DockerSpawner.environment``'s text values, as a spawn's plan takes them."""
+        return {k: v for k, v in (self.environment or {}).items() if isinstance(v, str)}
+
+    async def image_fit(
+        self, image: str, *, environment: Mapping[str, str], request: GPURequest, inventory: Inventory,
+        env: Sequence[str] | None = None, devices: Sequence[str] = (),
+    ) -> cudareq.Verdict | None:
+        """Whether a server of `image` with `environment` over the image's own and the GPUs of `request` can
+        start here, as NVIDIA's container toolkit will judge it (:mod:`gpuspawner.cudareq`). None for a
+        CPU-only server (the toolkit checks nothing for it) and for an image the engine does not have yet.
+        `env`: the image's ``Config.Env`` where the caller has it; `devices`: the UUIDs granted, once they are."""
+        if not request.wants_gpu:
+            return None
+        found = await self.image_requirements(image, environment=environment, env=env)
+        if found is None:
+            return None
+        return self.judge_requirements(found, image=image, request=request, inventory=inventory, devices=devices)
+
+    async def image_requirements(
+        self, image: str, *, environment: Mapping[str, str], env: Sequence[str] | None = None,
+    ) -> cudareq.ImageRequirements | None:
+        """The CUDA requirements of a container of `image` with `environment` over the image's own; None where
+        the engine does not have the image yet. `env`: the image's ``Config.Env`` where the caller has it."""
+        if env is None:
+            env = await local_image_env(image, call=self.docker, max_age=self.nvml_cache_seconds)
+            if env is None:
+                return None
+        return cudareq.image_requirements(cudareq.environment_of(env, environment))
+
+    def judge_requirements(
+        self, found: cudareq.ImageRequirements, *, image: str, request: GPURequest, inventory: Inventory,
+        devices: Sequence[str] = (),
+    ) -> cudareq.Verdict:
+        """`found` judged against the host's driver and the GPUs granted (`devices`), or before they are, those
+        of `request`'s kind: met where one kind of them fits (override point: a swarm judges its nodes')."""
+        host = cudareq.Host(driver=inventory.driver_version, cuda=inventory.cuda_driver_version)
+        if devices:
+            by_uuid = inventory.by_uuid()
+            granted = tuple(gpu_facts(by_uuid[u]) for u in devices if u in by_uuid)
+            return cudareq.judge(found, cudareq.Host(host.driver, host.cuda, gpus=granted), image=image)
+        kinds = [gpu_facts(d) for d in inventory.devices if d.healthy and request.matches(d)]
+        return cudareq.judge_kinds(found, host, kinds, image=image)[0]
 
     async def check_allowed(self, image: str) -> str:
         """DockerSpawner's check of a user's ``image`` option; within a spawn, the image it resolved."""
@@ -122,6 +181,11 @@ class UserChoice(DockerPath):
             if e.log_message and e.log_message.startswith(head):
                 raise web.HTTPError(e.status_code, f"Image {userinput.quote(image)} {e.log_message[len(head):]}") from None
             raise
+
+
+def gpu_facts(device: Device) -> cudareq.GPUFacts:
+    """What ``brand=`` and ``arch=`` requirements compare of `device`."""
+    return cudareq.GPUFacts(brand=device.brand, arch=device.compute_capability)
 
 
 def _applied_at_start(spawner: UserChoice, user_options: dict[str, Any]) -> None:

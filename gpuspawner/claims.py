@@ -5,7 +5,8 @@ The Docker engine is the record. Every container carries the UUIDs of its device
 died holds nothing. So the table is rebuilt from the engine before each allocation, and a
 restarted hub knows exactly what its predecessor handed out. Running containers that this hub
 did not make (another hub, ``docker run --gpus``) hold what their ``DeviceRequests`` name:
-:func:`foreign_claims`.
+:func:`foreign_claims`. The hub's own container, and the gpuspawner services beside it, only read
+the GPUs (NVML needs the device nodes) and hold none: :func:`gpu_readers`.
 
 Between choosing devices and the container running, a spawn holds a *pending* claim kept in
 memory by :class:`ClaimBook`, so two spawns at the same moment never get the same device. A
@@ -16,7 +17,8 @@ Pure code: no docker, pynvml or jupyterhub imports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import labels
@@ -27,6 +29,65 @@ from .devices import Inventory
 # container this hub is creating is covered by a pending claim, and one left "created" by a
 # hub that died never started and holds nothing.
 HOLDING_STATES = frozenset({"running", "restarting", "paused"})
+
+ROLE = "org.gpuspawner.role"  # docker-compose.yml's label on the hub ("hub") and the audit service ("audit")
+COMPOSE_PROJECT = "com.docker.compose.project"  # what Compose labels each container of a project with
+
+# What Docker and Podman bind-mount over these files comes from the container's own folder
+# (…/containers/<id>/hostname, …/overlay-containers/<id>/userdata/hosts); on the host they are no mounts.
+_ENGINE_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
+_ID_IN_FOLDER = re.compile(r"containers/([0-9a-f]{64})/")
+_ID_IN_CGROUP = re.compile(r"[/-]([0-9a-f]{64})(?:\.scope)?$")  # cgroup v1 (/docker/<id>), systemd (docker-<id>.scope)
+_SHORT_ID = re.compile(r"[0-9a-f]{12,64}")  # Docker's default host name: the id's first 12 characters
+
+
+def own_container_ids(*, mountinfo: str, cgroup: str, hostname: str) -> tuple[str, ...]:
+    """What may name the container this process runs in, best first, from the text of
+    ``/proc/self/mountinfo`` and ``/proc/self/cgroup`` and the host name; empty outside a container.
+
+    Candidates only: :func:`gpu_readers` takes the first that names a container of the engine, so an
+    id of an outer container (or a host name of hex digits) names none and is harmless.
+    """
+    found: list[str] = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] in _ENGINE_FILES:
+            found += _ID_IN_FOLDER.findall(fields[3])
+    for line in cgroup.splitlines():
+        found += _ID_IN_CGROUP.findall(line.rpartition(":")[2])
+    if _SHORT_ID.fullmatch(hostname):
+        found.append(hostname)
+    return tuple(dict.fromkeys(found))
+
+
+def gpu_readers(containers: Iterable[Mapping[str, Any]], *, own_ids: Sequence[str]) -> frozenset[str]:
+    """The ids of the containers, among the engine's `containers` (``Id`` and ``Labels`` each), that only
+    read the GPUs and hold none, whatever their ``DeviceRequests`` say.
+
+    They are the hub's own container (the first of `own_ids`, from :func:`own_container_ids`, that is
+    the id of exactly one of them or its first 12 or more characters) and the containers of its Compose
+    project labelled ``org.gpuspawner.role`` (the audit service). A hub not in a container, or in one
+    the engine does not list, finds none; a role label on a container of another project (another
+    hub's, a user's ``docker run``) counts for nothing.
+    """
+    listed = list(containers)
+    own = _own_container(listed, own_ids)
+    if own is None:
+        return frozenset()
+    project = (own.get("Labels") or {}).get(COMPOSE_PROJECT)
+    beside = {
+        str(c["Id"]) for c in listed
+        if project and (c.get("Labels") or {}).get(COMPOSE_PROJECT) == project and (c.get("Labels") or {}).get(ROLE)
+    }
+    return frozenset({str(own["Id"])} | beside)
+
+
+def _own_container(listed: Sequence[Mapping[str, Any]], own_ids: Sequence[str]) -> Mapping[str, Any] | None:
+    for ident in own_ids:
+        named = [c for c in listed if str(c.get("Id", "")).startswith(ident)] if len(ident) >= 12 else []
+        if len(named) == 1:  # a prefix two containers share names neither
+            return named[0]
+    return None
 
 
 def claims_from_containers(containers: Iterable[Mapping[str, Any]], *, hub_id: str) -> dict[str, Holder]:

@@ -53,6 +53,8 @@ class Device:
     parent_uuid: str | None = None  # set for MIG devices
     mig_profile: str | None = None  # e.g. "1g.10gb", for MIG devices
     node: str = ""  # the Docker Swarm node that has it ("" for the hub's own host); one server's devices share a node
+    brand: str | None = None  # as NVIDIA's container toolkit names it ("nvidia", "tesla", …); None where unknown
+    compute_capability: str | None = None  # "8.0"; None where unknown
 
     @property
     def is_mig(self) -> bool:

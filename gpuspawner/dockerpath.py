@@ -18,11 +18,11 @@ from typing import Any, cast
 
 from dockerspawner import DockerSpawner
 from tornado import web
-from traitlets import default, validate
+from traitlets import TraitError, default, validate
 
-from . import injection, labels, settings
+from . import injection, labels, serverinfo, settings
 from .hubwide import resources
-from .traits import GPUSpawnerConfig, checked
+from .traits import GPUSpawnerConfig, checked, where
 
 _client_lock = threading.Lock()  # held while the hub's Docker client is made (see DockerPath.client)
 
@@ -62,6 +62,19 @@ class DockerPath(GPUSpawnerConfig, DockerSpawner):  # type: ignore[misc]  # dock
         checked(settings.check_extra_host_config, self, "extra_host_config", proposal.value)
         return proposal.value
 
+    @validate("environment")
+    def _check_environment(self, proposal: Any) -> Any:
+        try:
+            serverinfo.check_names([str(k) for k in proposal.value or {}], where=where(self, "environment"))
+        except serverinfo.ReservedName as e:
+            raise TraitError(str(e)) from None
+        return proposal.value
+
+    def server_environment(self) -> dict[str, str]:
+        """The variables that say what the server is (:mod:`gpuspawner.serverinfo`); none before a spawn
+        has resolved its image."""
+        raise NotImplementedError
+
     def docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run one docker-py call off the event loop; every Docker call of every server passes here.
 
@@ -89,7 +102,12 @@ class DockerPath(GPUSpawnerConfig, DockerSpawner):  # type: ignore[misc]  # dock
         kwargs = dict(kwargs, labels=labels.merge_labels(kwargs.get("labels"), self.container_labels()))
         mode = cast(injection.InjectionMode, self.device_injection)  # the Enum trait allows no other value
         try:
-            return injection.with_devices(kwargs, granted=self.gpu_devices, mode=mode)
+            request = injection.with_devices(kwargs, granted=self.gpu_devices, mode=mode)
+            lies = serverinfo.check_create_environment(injection.environment_variables(request.get("environment")),
+                                                       expected=self.server_environment())
+            if lies:
+                raise injection.InjectionError(lies)
+            return request
         except injection.InjectionError as e:
             self.log.error("Refused to create the container of %s: %s", self._log_name, e)
             raise web.HTTPError(500, f"{e} The server was not created; tell an admin.") from None

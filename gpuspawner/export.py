@@ -26,7 +26,7 @@ from .redaction import is_redacted, without_secrets
 CSV_COLUMNS = (
     "id", "seq", "hub_id", "user", "groups", "server", "profile", "outcome", "requested_at", "started_at", "ready_at",
     "stopped_at", "idle_gpu_seconds", "image_requested", "repo_digest", "image_id", "container_image_id", "container_id",
-    "container_name", "hostname", "node", "docker_version", "driver_version", "cuda_driver_version", "devices",
+    "container_name", "hostname", "node", "docker_version", "driver_version", "cuda_driver_version", "cuda_requirement", "devices",
     "device_models", "cpu_limit", "mem_limit", "error", "exit_code", "oom_killed", "gpuspawner_version", "profile_hash", "hash",
     "integrity",
 )
@@ -326,6 +326,8 @@ def _facts(r: AuditRecord, action_id: str) -> list[dict[str, Any]]:
     if r.devices:
         fact("driver", "NVIDIA driver version", r.driver_version, "driver_version")
         fact("cuda", "CUDA driver version", r.cuda_driver_version, "cuda_driver_version")
+        fact("cuda-requirement", "CUDA requirement of the image that the driver met", r.cuda_requirement,
+             "cuda_requirement")
     fact("image-id", "Docker image ID", r.image_id, "image_id")
     fact("container-image-id", "Image ID of the container", r.container_image_id, "container_image_id")
     fact("exit-code", "Container exit code", r.exit_code, "exit_code")

@@ -19,11 +19,13 @@ from .devices import Inventory
 from .gpuqueue import kind_of
 
 TEMPLATES = Path(__file__).parent / "templates"
+UNFIT_BADGE = "image cannot run here"  # the availability of a profile whose image's requirements the driver does not meet
 
 
 def form_entries(
     mine: Sequence[profiles.Profile], inventory: Inventory, claims: Mapping[str, Holder], *, holder: Holder,
     busy_memory_threshold: int, waiting: bool, last_choice: Any, queued: Mapping[GPURequest, int] | None = None,
+    unfit: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per profile the user may use, as the template reads them.
 
@@ -31,15 +33,21 @@ def form_entries(
     (`waiting`). The user's last choice is checked, else the default profile, else the first
     that can be selected. `queued`: how many spawns wait in the GPU queue for each kind of
     device (:func:`gpuspawner.gpuqueue.queue_lengths`); a profile shows how many wait before it.
+    `unfit`: slug -> why the profile's image cannot start on this host (its CUDA requirements,
+    :mod:`gpuspawner.cudareq`): such a profile says so, with the reason in ``unfit``, and is never
+    selectable, as waiting would not help.
     """
     entries = []
     for p in mine:
         avail = availability(p.gpus, inventory, claims, holder=holder, busy_memory_threshold=busy_memory_threshold)
         in_line = (queued or {}).get(kind_of(p.gpus), 0) if p.gpus.wants_gpu else 0
+        reason = (unfit or {}).get(p.slug)
+        startable = avail.startable and not in_line and not reason
         entries.append({
             "slug": p.slug, "display_name": p.display_name, "description": p.description,
-            "image": str(p.image), "resources": p.resources(), "availability": avail.text,
-            "startable": avail.startable and not in_line, "selectable": (avail.startable and not in_line) or waiting,
+            "image": str(p.image), "resources": p.resources(),
+            "availability": UNFIT_BADGE if reason else avail.text, "unfit": reason or "",
+            "startable": startable, "selectable": not reason and (startable or waiting),
             "queued": in_line, "checked": False,
         })
     default_slug = (profiles.default_profile(mine) or mine[0]).slug if mine else None

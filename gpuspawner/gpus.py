@@ -9,6 +9,7 @@ status the spawner answers.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import docker.errors
 
 from . import labels
 from .allocation import GPURequest, Grant, Holder, Refusal
-from .claims import claims_from_containers, foreign_claims
+from .claims import claims_from_containers, foreign_claims, gpu_readers, own_container_ids
 from .devices import Inventory
 from .gpuqueue import Waiter, ordinal, serve
 from .hubwide import resources
@@ -59,13 +60,15 @@ async def engine_claims(call: Docker, hub_id: str, inventory: Inventory, *, max_
     """UUID -> holder for every running container on the engine.
 
     This hub's containers hold what their labels say; any other running container (another
-    hub's, a ``docker run --gpus``) what its DeviceRequests name. A container's requests
-    never change, so each other container is inspected once, when first seen.
+    hub's, a ``docker run --gpus``) what its DeviceRequests name, except the hub's own container
+    and the gpuspawner services beside it, which only read the GPUs (:func:`gpuspawner.claims.gpu_readers`).
+    A container's requests never change, so each other container is inspected once, when first seen.
     """
 
     async def read() -> dict[str, Holder]:
         running = await call("containers")
-        others = [c for c in running if (c.get("Labels") or {}).get(labels.HUB) != hub_id]
+        readers = gpu_readers(running, own_ids=where_the_hub_runs())
+        others = [c for c in running if (c.get("Labels") or {}).get(labels.HUB) != hub_id and c["Id"] not in readers]
         for c in others:
             if c["Id"] not in resources.foreign:
                 try:
@@ -80,6 +83,25 @@ async def engine_claims(call: Docker, hub_id: str, inventory: Inventory, *, max_
         return claims
 
     return await remembered_claims(hub_id, read, max_age=max_age)
+
+
+def where_the_hub_runs() -> tuple[str, ...]:
+    """What may name the container this hub process runs in (:func:`gpuspawner.claims.own_container_ids`),
+    read from /proc once per process; empty where /proc cannot tell."""
+    if resources.own_container_ids is None:
+        resources.own_container_ids = own_container_ids(
+            mountinfo=_proc_text("/proc/self/mountinfo"), cgroup=_proc_text("/proc/self/cgroup"),
+            hostname=os.uname().nodename,
+        )
+    return resources.own_container_ids
+
+
+def _proc_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:  # no /proc (not Linux), or one that hides it
+        return ""
 
 
 async def remembered_claims(hub_id: str, read: Callable[[], Awaitable[dict[str, Holder]]], *, max_age: float) -> dict[str, Holder]:

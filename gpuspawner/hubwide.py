@@ -52,6 +52,7 @@ class HubResources:
         self.hub_id: str | None = None
         self.spawners: weakref.WeakValueDictionary[tuple[str, str], GPUSpawner] = weakref.WeakValueDictionary()
         self.foreign: dict[str, dict[str, Any]] = {}  # container id -> inspection, for other containers' devices
+        self.own_container_ids: tuple[str, ...] | None = None  # what may name the hub's own container, once read
         self.engine_claims: dict[str, tuple[float, dict[str, Holder]]] = {}  # hub id -> (when read, claims), for the form
         self.tasks: set[asyncio.Future[Any]] = set()
         self.waiters: dict[str, Waiter] = {}  # the GPU queue: spawn (record id) -> what it waits for
@@ -63,6 +64,8 @@ class HubResources:
         self._queue_moved: asyncio.Event | None = None
         self.swarm_nodes: tuple[float, list[SwarmNode] | None] = (0.0, None)  # when read, the swarm's nodes
         self.swarm_networks: dict[str, str] = {}  # network name -> ID, on a swarm
+        self.image_envs: dict[str, tuple[str, ...]] = {}  # image ID (its content's digest) -> its Config.Env
+        self.image_ids: dict[str, tuple[float, str | None]] = {}  # image reference -> (when looked, its ID; None: absent)
 
     def keep(self, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
         """Run `aw` in the background, keeping a reference until it ends."""

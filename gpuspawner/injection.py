@@ -272,6 +272,11 @@ def _environment(variables: list[tuple[str, str | None]], *, granted: tuple[str,
     return problems
 
 
+def environment_variables(environment: Any) -> list[tuple[str, str | None]]:
+    """A create request's ``environment`` (a list of "NAME=value" or a mapping) as (name, value) pairs."""
+    return _variables(environment)
+
+
 def _variables(environment: Any) -> list[tuple[str, str | None]]:
     """(name, value) pairs as docker-py sends them; a value of None is a name without '='."""
     if isinstance(environment, Mapping):

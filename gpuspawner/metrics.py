@@ -45,7 +45,8 @@ SPAWN_DURATION = Histogram(
 REFUSALS = Counter(
     "gpuspawner_spawn_refusals",
     "Spawns refused: no_devices (none free in time), over_quota, nvml_timeout, forbidden_profile, bad_options, "
-    "audit_log (the audit log was rolled back or rewritten, so the hub writes no records)",
+    "audit_log (the audit log was rolled back or rewritten, so the hub writes no records), cuda_requirement (the "
+    "image's CUDA requirements are more than the NVIDIA driver supports)",
     ["reason"],
 )
 GPU_SECONDS = Counter(

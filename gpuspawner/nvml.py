@@ -29,6 +29,7 @@ from typing import Any
 
 import pynvml
 
+from .cudareq import brand_name
 from .devices import Device, Inventory, Process, cuda_version_string, mig_profile_from_name
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,22 @@ def _optional(call: Callable[[], Any]) -> Any:
         return None
 
 
+def _fact(call: Callable[[], Any]) -> Any:
+    """A fact only some drivers report (an older NVML lacks the function): None instead of an error."""
+    try:
+        return call()
+    except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound):
+        return None
+
+
+def _kind(handle: Any) -> tuple[str | None, str | None]:
+    """A GPU's brand and compute capability, as ``brand=`` and ``arch=`` requirements compare them."""
+    brand = _fact(lambda: pynvml.nvmlDeviceGetBrand(handle))
+    capability = _fact(lambda: pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+    return (None if brand is None else brand_name(int(brand)),
+            None if capability is None else f"{capability[0]}.{capability[1]}")
+
+
 def _processes(handle: Any) -> tuple[Process, ...]:
     procs = _optional(lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
     return tuple(Process(pid=int(p.pid), used_memory=p.usedGpuMemory) for p in procs)
@@ -83,6 +100,8 @@ def _read_mig_devices(parent: Device, handle: Any) -> list[Device]:
                 processes=_processes(mig),
                 parent_uuid=parent.uuid,
                 mig_profile=mig_profile_from_name(name),
+                brand=parent.brand,
+                compute_capability=parent.compute_capability,
             )
         )
     return devices
@@ -96,6 +115,7 @@ def _read_gpu(index: int, handle: Any) -> list[Device]:
         mig_enabled = bool(mig_mode and mig_mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         utilization = _optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
+        brand, capability = _kind(handle)
         gpu = Device(
             uuid=uuid,
             index=index,
@@ -106,6 +126,8 @@ def _read_gpu(index: int, handle: Any) -> list[Device]:
             pci_bus_id=_text(pynvml.nvmlDeviceGetPciInfo(handle).busId),
             processes=_processes(handle),
             mig_enabled=mig_enabled,
+            brand=brand,
+            compute_capability=capability,
         )
         return [gpu, *(_read_mig_devices(gpu, handle) if mig_enabled else [])]
     except pynvml.NVMLError as e:

@@ -57,14 +57,20 @@ class SpawnPlan:
         """The environment as the audit record keeps it: secrets' values redacted (see :mod:`gpuspawner.audit`)."""
         return redaction.without_secrets(self.environment, extra_names=redact_names)
 
-    def settings_hash(self, *, image: str, image_id: str | None, devices: Sequence[str], redact_names: Sequence[str] = ()) -> str:
+    def settings_hash(self, *, image: str, image_id: str | None, devices: Sequence[str], redact_names: Sequence[str] = (),
+                      server_environment: Mapping[str, str] | None = None) -> str:
         """The hash of what this spawn's container is made from (its label ``gpuspawner.settings``):
-        a kept container (``remove = False``) is reused only when it equals the new spawn's."""
-        return labels.settings_hash({
+        a kept container (``remove = False``) is reused only when it equals the new spawn's.
+        `server_environment`: the variables gpuspawner sets that last as long as the container
+        (:func:`gpuspawner.serverinfo.server_environment`), so a driver upgrade makes a new one."""
+        settings: dict[str, object] = {
             "image": image, "image_id": image_id, "devices": tuple(devices), "cpu_limit": self.cpu_limit,
             "mem_limit": self.mem_limit, "environment": self.recorded_environment(redact_names),
             "profile": self.profile_slug or None, "profile_hash": self.profile_hash,
-        })
+        }
+        if server_environment is not None:
+            settings["server_environment"] = dict(server_environment)
+        return labels.settings_hash(settings)
 
 
 def spawn_plan(profile: profiles.Profile | None, configured: Configured, *, image_option: str | None = None) -> SpawnPlan:

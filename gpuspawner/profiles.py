@@ -35,6 +35,7 @@ from .allocation import GPURequest
 from .devices import format_bytes
 from .images import ImageRef, ImageReferenceError, Pinning, is_pinned, parse_image, pinning_rule
 from .limits import format_duration, parse_duration, parse_percent
+from .serverinfo import ReservedName, check_names
 from .settings import ConfigError, parse_bytes, parse_gpu_request
 from .userinput import OptionsError as OptionsError  # raised here; its home is userinput
 from .userinput import quote
@@ -170,6 +171,10 @@ def _parse_cpus(value: Any, *, where: str) -> float | None:
 def _parse_environment(value: Any, *, where: str) -> dict[str, str]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ConfigError(f"{where}: 'environment' is {value!r}; allowed: a dict of text to text.")
+    try:
+        check_names(list(value), where=f"{where}: 'environment'")
+    except ReservedName as e:
+        raise ConfigError(str(e)) from None
     return dict(value)
 
 

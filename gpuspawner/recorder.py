@@ -130,6 +130,11 @@ class SpawnRecorder:
             image_id=image.image_id, image_labels=image.labels, note=image.note,
         )
 
+    def note_requirement(self, record_id: str, requirement: str | None) -> None:
+        """Queue the image's CUDA requirements the host's driver met (:mod:`gpuspawner.cudareq`)."""
+        if requirement:
+            self._note(record_id, cuda_requirement=requirement)
+
     def note_container_soon(self, written: asyncio.Future[Any]) -> None:
         """Count a write of the container's facts (see :meth:`note_container`) among the queued notes."""
         self._writes.append(written)

@@ -2,10 +2,14 @@
 
 Log in through the hub (OAuth); admins, or users holding the custom scope
 ``custom:gpuspawner-audit:read``, see the records in a filterable table and download them as
-CSV or JSONL. Everyone else gets 403. Add it to ``jupyterhub_config.py`` with::
+CSV, JSONL or an RO-Crate, and each record as JSON, RO-Crate and its ``docker run`` line. Holders
+of the scope filtered to users (``custom:gpuspawner-audit:read!user``, which
+:func:`users_read_own_records` grants every user) see those users' records only, and get 403 for
+any other's. Everyone else gets 403. Add it to ``jupyterhub_config.py`` with::
 
-    from gpuspawner.service import audit_service
+    from gpuspawner.service import audit_service, users_read_own_records
     audit_service(c, config_file=__file__)
+    users_read_own_records(c)
 
 The service reads the same ``jupyterhub_config.py`` as the ``gpuspawner audit`` commands to
 find the audit database, so admins never type a database URL. JupyterHub starts a managed
@@ -27,18 +31,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
@@ -69,6 +75,7 @@ from .witness import Banner, Check, WitnessState
 log = logging.getLogger("gpuspawner.service")  # by name: the service runs as __main__
 
 SCOPE = "custom:gpuspawner-audit:read"
+OWN_RECORDS = SCOPE + "!user"  # the reader's scope filtered to the user's own records (the hub expands it per user)
 TABLE_LIMIT = 500
 
 
@@ -130,6 +137,53 @@ def define_reader_scope(c: Any) -> None:
     c.JupyterHub.custom_scopes = scopes
 
 
+def users_read_own_records(c: Any, *, name: str = "audit") -> None:
+    """Let every user read the records of their own servers at ``/services/<name>/`` (admins and holders of
+    :data:`SCOPE` still read all): JupyterHub's built-in ``user`` role gets ``access:services!service=<name>``
+    and :data:`OWN_RECORDS`, through ``JupyterHub.extra_user_scopes`` (JupyterHub 6; on JupyterHub 5 the
+    ``user`` role is redefined in ``load_roles`` with ``self`` and these two scopes, added to any scopes an
+    earlier definition there gave it)."""
+    from jupyterhub._version import version_info
+
+    wanted = [f"access:services!service={name}", OWN_RECORDS]
+    if version_info >= (6,):
+        have = list(c.JupyterHub.extra_user_scopes) if "extra_user_scopes" in c.JupyterHub else []
+        c.JupyterHub.extra_user_scopes = set(have) | set(wanted)
+    else:
+        roles = list(c.JupyterHub.load_roles) if "load_roles" in c.JupyterHub else []
+        user = next((r for r in roles if r.get("name") == "user"), None)
+        scopes = list((user or {}).get("scopes") or ["self"])
+        merged = {**(user or {"name": "user"}), "scopes": scopes + [s for s in wanted if s not in scopes]}
+        c.JupyterHub.load_roles = [merged if r is user else r for r in roles] + ([] if user else [merged])
+    define_reader_scope(c)
+
+
+@dataclass(frozen=True)
+class Readable:
+    """Whose records a reader may read: everyone's (``users`` None), or only those of ``users``."""
+
+    users: frozenset[str] | None = None
+
+    def allows(self, user: str) -> bool:
+        return self.users is None or user in self.users
+
+    def only(self, records: Iterable[audit.AuditRecord]) -> Iterator[audit.AuditRecord]:
+        """The records of `records` this reader may read, as they stream."""
+        return (r for r in records if self.allows(r.user))
+
+
+def readable_by(model: Mapping[str, Any]) -> Readable | None:
+    """What the hub's model of a logged-in user lets them read: all records for an admin or a holder of
+    :data:`SCOPE`; those of the users named in :data:`SCOPE` filtered by ``!user=NAME`` (their own, from
+    :data:`OWN_RECORDS`); None: nothing. Other filters of the scope (``!group=``) grant nothing here."""
+    scopes = model.get("scopes") or []
+    if model.get("admin") or SCOPE in scopes:
+        return Readable()
+    prefix = SCOPE + "!user="
+    users = frozenset(s.removeprefix(prefix) for s in scopes if isinstance(s, str) and s.startswith(prefix))
+    return Readable(users) if users else None
+
+
 def service_environment(environ: Mapping[str, str], *, pass_env: Iterable[str] = ()) -> dict[str, str]:
     """The variables of ``environ`` the configuration may depend on: ``GPUSPAWNER_*`` and ``pass_env``."""
     wanted = set(pass_env)
@@ -152,6 +206,26 @@ class _Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         if not (user.get("admin") or SCOPE in (user.get("scopes") or [])):
             raise web.HTTPError(403, "The audit records are for admins.")
         return user
+
+    def check_records_reader(self) -> Readable:
+        """Whose records the logged-in user may read; 403 for someone who may read none."""
+        user: dict[str, Any] | None = self.get_current_user()
+        found = readable_by(user) if user is not None else None
+        if found is None:
+            raise web.HTTPError(403, "The audit records are for admins, and each user's own for that user.")
+        return found
+
+    def reader_filters(self, readable: Readable) -> Filters:
+        """The form's filters for this reader: a reader of some users' records only asks for theirs (403 for
+        another's), and one who may read one user's asks for that user's without saying so."""
+        filters = self.filters()
+        if readable.users is None:
+            return filters
+        if filters.user is not None and not readable.allows(filters.user):
+            raise web.HTTPError(403, "You may read the records of your own servers only.")
+        if filters.user is None and len(readable.users) == 1:
+            return replace(filters, user=next(iter(readable.users)))
+        return filters
 
     def filters(self) -> Filters:
         """The form's filters; a time that is not one is a 400 that says what is allowed."""
@@ -189,41 +263,78 @@ class _Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
 class TableHandler(_Base):
     @web.authenticated
     async def get(self) -> None:
-        self.check_reader()
-        filters = self.filters()
+        readable = self.check_records_reader()
+        filters = self.reader_filters(readable)
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(None, lambda: list(islice(self.store.iter_records(filters), TABLE_LIMIT)))
+        records = await loop.run_in_executor(
+            None, lambda: list(islice(readable.only(self.store.iter_records(filters)), TABLE_LIMIT)))
         query = urlencode({k: v for k, v in vars(filters).items() if v})
         watcher: AuditWitness | None = self.settings.get("witness")
-        banner = watcher.banner() if watcher is not None else None
-        self.finish(_page(records, filters, query, prefix=self.settings["prefix"], banner=banner))
+        banner = watcher.banner() if watcher is not None and readable.users is None else None
+        self.finish(_page(records, filters, query, prefix=self.settings["prefix"], banner=banner,
+                          own=readable.users is not None))
 
 
 class ExportHandler(_Base):
     @web.authenticated
     async def get(self, fmt: str) -> None:
-        self.check_reader()
-        records = self.store.iter_records(self.filters())
+        readable = self.check_records_reader()
+        records = readable.only(self.store.iter_records(self.reader_filters(readable)))
         if fmt == "csv":
             self.set_header("Content-Type", "text/csv; charset=utf-8")
             chunks = export.csv_lines(records)
-        else:
+        elif fmt == "jsonl":
             self.set_header("Content-Type", "application/x-ndjson; charset=utf-8")
             chunks = export.jsonl_lines(records)
-        self.set_header("Content-Disposition", f'attachment; filename="gpuspawner-audit.{fmt}"')
+        else:
+            self.set_header("Content-Type", "application/ld+json; charset=utf-8")
+            chunks = export.ro_crate_chunks(records)
+        filename = "ro-crate-metadata.json" if fmt == "ro-crate" else f"gpuspawner-audit.{fmt}"
+        self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
         await self.stream(chunks)
+
+
+RECORD_FILES = {  # a record's downloads: file name, content type
+    "record.json": "application/json; charset=utf-8",
+    "ro-crate-metadata.json": "application/ld+json; charset=utf-8",
+    "reproduce.sh": "text/x-shellscript; charset=utf-8",
+}
+
+
+class RecordHandler(_Base):
+    """One record: as ``gpuspawner audit show`` prints it, as an RO-Crate, or its ``docker run`` line
+    (as ``gpuspawner reproduce`` prints it); 404 for no such record, 403 for another user's."""
+
+    @web.authenticated
+    async def get(self, record_id: str, name: str) -> None:
+        readable = self.check_records_reader()
+        loop = asyncio.get_running_loop()
+        record = await loop.run_in_executor(None, lambda: self.store.get(record_id))
+        if record is None:
+            raise web.HTTPError(404, "There is no such audit record.")
+        if not readable.allows(record.user):
+            raise web.HTTPError(403, "This record is of another user's server: you may read your own.")
+        self.set_header("Content-Type", RECORD_FILES[name])
+        self.set_header("Content-Disposition", f'attachment; filename="{name}"')
+        if name == "record.json":
+            self.finish(json.dumps(audit.record_to_dict(record), indent=2, ensure_ascii=False) + "\n")
+        elif name == "reproduce.sh":
+            self.finish(export.reproduce_command(record, extra_names=self.settings.get("redact_names", ())) + "\n")
+        else:
+            await self.stream(export.ro_crate_chunks([record], title=f"gpuspawner server {record.id}"))
 
 
 FILTER_FIELDS = [("user", "User"), ("profile", "Profile"), ("since", "Since"), ("until", "Until")]
 
 
 def _page(records: list[audit.AuditRecord], filters: Filters, query: str, *, prefix: str,
-          banner: Banner | None = None) -> str:
+          banner: Banner | None = None, own: bool = False) -> str:
     """The table page's HTML, from gpuspawner's ``templates/audit.html`` (every value escaped);
-    `banner`: what the witness says, at the top."""
+    `banner`: what the witness says, at the top; `own`: the reader sees their own servers only."""
     fields = [(name, label, getattr(filters, name) or "") for name, label in FILTER_FIELDS]
     return template_environment(TEMPLATES).get_template("audit.html").render(
-        rows=[_cells(r) for r in records], filters=fields, prefix=prefix, query=query, limit=TABLE_LIMIT, banner=banner,
+        rows=[{"cells": _cells(r), "path": f"{prefix}records/{quote(r.id, safe='')}/"} for r in records],
+        filters=fields, prefix=prefix, query=query, limit=TABLE_LIMIT, banner=banner, own=own,
     )
 
 
@@ -466,15 +577,18 @@ def service_app(prefix: str, handlers: list[tuple[str, type[web.RequestHandler]]
 
 
 def make_app(store: AuditStore | Callable[[], AuditStore], *, watcher: AuditWitness | None = None,
-             hub_auth: Callable[[], HubAuth] = HubOAuth.instance) -> web.Application:
-    """The service's app: the table, the downloads and, with a `watcher`, its banner and
-    ``metrics`` (each scrape's token checked with the hub through `hub_auth`)."""
+             hub_auth: Callable[[], HubAuth] = HubOAuth.instance, redact_names: Sequence[str] = ()) -> web.Application:
+    """The service's app: the table, the downloads, each record's and, with a `watcher`, its banner and
+    ``metrics`` (each scrape's token checked with the hub through `hub_auth`). `redact_names`:
+    ``GPUSpawner.audit_redact_names``, for the ``docker run`` lines."""
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/audit/")
     opener = store if callable(store) else (lambda: store)
+    files = "|".join(re.escape(name) for name in RECORD_FILES)
     handlers: list[tuple[str, type[web.RequestHandler]]] = [
-        (prefix, TableHandler), (url_path_join(prefix, r"export\.(csv|jsonl)"), ExportHandler),
+        (prefix, TableHandler), (url_path_join(prefix, r"export\.(csv|jsonl|ro-crate)"), ExportHandler),
+        (url_path_join(prefix, rf"records/([^/]+)/({files})"), RecordHandler),
     ]
-    settings: dict[str, Any] = {"store": opener}
+    settings: dict[str, Any] = {"store": opener, "redact_names": tuple(redact_names)}
     if watcher is not None:
         handlers.append((url_path_join(prefix, "metrics"), MetricsHandler))
         settings.update(witness=watcher, registry=metrics_registry(watcher), hub_auth=hub_auth)
@@ -514,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     except AuditStoreError as e:
         parser.exit(2, f"gpuspawner audit service: {e}\n")
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
-    make_app(store, watcher=watcher).listen(url.port or 80, url.hostname or "127.0.0.1")
+    make_app(store, watcher=watcher, redact_names=hub.audit_redact_names).listen(url.port or 80, url.hostname or "127.0.0.1")
     IOLoop.current().add_callback(watcher.start)
     # Which database it reads, so an admin can tell it is the hub's (password hidden).
     shown = make_url(db_url).render_as_string(hide_password=True)

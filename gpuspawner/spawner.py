@@ -1,8 +1,9 @@
 """GPUSpawner: DockerSpawner for shared GPU servers, as glue between JupyterHub and the modules beside it.
 
-One spawn (:meth:`GPUSpawner.start`) goes: record (``recorder``) → plan (``plan``, from the
-user's profile) → allocate (``gpus``, deciding with ``allocation``) → resolve the image
-(``pulls``, ``facts``) → create and start (DockerSpawner, with ``labels`` and ``injection``
+One spawn (:meth:`GPUSpawner.start`) goes: plan (``plan``, from the user's profile), and a GPU
+server whose image the driver cannot run refused (``cudareq``) → record (``recorder``) → allocate
+(``gpus``, deciding with ``allocation``) → resolve the image (``pulls``, ``facts``) and judge it
+again → create and start (DockerSpawner, with ``labels`` and ``injection``
 checking the request) → flush the record. Its bases hold the rest: its settings
 (:class:`gpuspawner.traits.GPUSpawnerConfig`), the one path to the Docker engine
 (:class:`gpuspawner.dockerpath.DockerPath`) and what the user chooses, the profiles and the spawn
@@ -20,16 +21,19 @@ Override points, for admins who subclass GPUSpawner:
 
 - ``container_labels()``: the labels of every container this spawner creates. Call
   ``super()`` and add to the result; the ``gpuspawner.*`` labels must stay.
-- ``get_env()``: as in every spawner; call ``super()``, which adds the GPU variables.
+- ``get_env()``: as in every spawner; call ``super()``, which adds the GPU variables and the
+  ``GPUSPAWNER_*`` variables that say what the server is (:mod:`gpuspawner.serverinfo`; the file
+  with the same facts is put into the container before it starts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -37,16 +41,18 @@ import docker.errors
 from tornado import web
 from traitlets import default
 
-from . import audit, images, injection, labels, metrics, reconcile, seams, userinput
+from . import audit, cudareq, images, injection, labels, metrics, reconcile, seams, serverinfo, userinput
 from ._version import __version__
 from .allocation import quota_for
-from .choice import UserChoice
+from .choice import UserChoice, gpu_facts
 from .cleanup import remove_spawned_container
-from .facts import device_facts, resolved_image
+from .devices import Inventory
+from .facts import DeviceFacts, ResolvedImage, device_facts, resolved_image
 from .gpus import Ask, NoDevices, claim_devices
 from .hubconfig import hub_db_url, stored_hub_id
 from .hubwide import resources
 from .limits import Limits
+from .nvml import NVMLTimeout
 from .plan import Configured, SpawnPlan, spawn_plan
 from .profiles import OptionsError, choose_profile
 from .progress import ProgressLog
@@ -81,6 +87,7 @@ class GPUSpawner(UserChoice):
         self.recorder = SpawnRecorder(self.audit_store, lambda: self.log, lambda: self._log_name)
         self._spawning = False  # from start() until its record says how the spawn went
         self._plan: SpawnPlan | None = None  # the current or last spawn's settings
+        self._this_server: serverinfo.ServerInfo | None = None  # what the current or last spawn's server is
         self._settings_hash = ""  # what this spawn's container is made from (label gpuspawner.settings)
         self._started_here = False  # a spawn of this hub process started it (not a server resumed at hub start)
         self._attempt = ""  # the record of this server's latest spawn (its state's is cleared when it stops)
@@ -145,7 +152,15 @@ class GPUSpawner(UserChoice):
         if self._plan is not None:
             env.update(self._plan.profile_environment)
         env.update(injection.gpu_environment(self.gpu_devices))
+        env.update(self.server_environment())  # last: nothing configured stands in for gpuspawner's variables
         return env
+
+    def server_environment(self) -> dict[str, str]:
+        """The ``GPUSPAWNER_*`` variables of the spawn's server (:mod:`gpuspawner.serverinfo`); a container
+        later spawns start again (``remove = False``) has its record id in its file only."""
+        if self._this_server is None:
+            return {}
+        return serverinfo.server_environment(self._this_server, with_record=bool(self.remove))
 
     def audit_store(self) -> AsyncAuditStore:
         return resources.audit(self.audit_db_url, key_file=self.audit_key_file, head_file=self.audit_head_file)
@@ -153,8 +168,9 @@ class GPUSpawner(UserChoice):
     # --- One spawn ------------------------------------------------------------------------------
 
     async def start(self) -> Any:
-        """Record the spawn, then plan, allocate, resolve the image, create and start; whatever
-        happens, the record says how it ended.
+        """Plan the spawn (refusing, before anything else, a GPU server whose image the driver cannot run),
+        record it, then allocate, resolve the image, create and start; once recorded, whatever happens, the
+        record says how it ended.
 
         A spawn that fails or is interrupted (the user cancels, ``start_timeout``) removes what
         it created and gives its devices back only once its container is known not to run.
@@ -162,12 +178,14 @@ class GPUSpawner(UserChoice):
         self.progress_log.clear()
         self._started_here = True
         began = time.monotonic()
+        early = await self._plan_before_record(began)
         record_id = await self._begin_record()
         try:
-            plan = await self._plan_spawn()
-            await self._allocate_for(plan)
-            await self._resolve_image_for(plan)
-            result = await self._create_and_start(plan)
+            plan = await self._plan_spawn(early)
+            devices = await self._allocate_for(plan)
+            image = await self._resolve_image_for(plan)
+            await self._check_image_runs(plan, image)
+            result = await self._create_and_start(plan, self._describe_server(plan, image, devices))
             await self.recorder.flush()
         except asyncio.CancelledError as e:
             # Interrupted (the user cancelled, start_timeout): JupyterHub goes on at once; the
@@ -222,26 +240,51 @@ class GPUSpawner(UserChoice):
             raise
         return record.id
 
-    async def _plan_spawn(self) -> SpawnPlan:
-        """This spawn's settings from the user's profile and the values configured now; recorded."""
+    async def _plan_before_record(self, began: float) -> SpawnPlan | None:
+        """The spawn's plan, made before its record; a GPU server whose image the engine has is refused here,
+        with no record, claim or container, where NVIDIA's container toolkit would not start it (the image's
+        CUDA requirements, :mod:`gpuspawner.cudareq`). None where the options or the profile are refused:
+        that refusal comes once the record is written, which says so."""
+        self.spawn_image = None  # a user's image option is checked afresh (see check_allowed)
+        try:
+            userinput.check_options_size(self.user_options, max_bytes=self.max_user_options_bytes)
+            plan = await self._make_plan()
+        except (OptionsError, web.HTTPError):
+            return None
+        if plan.gpus.wants_gpu and images.must_look_up(self.pull_policy):  # "always" pulls first: judged then
+            verdict = await self._image_verdict(plan)
+            if verdict is not None and not verdict.met:
+                self.log.warning("Refused to start %s: %s", self._log_name, verdict.reason)
+                metrics.SPAWN_DURATION.labels(plan.profile_slug, "refused").observe(time.monotonic() - began)
+                raise Refused(409, verdict.reason, "cuda_requirement")
+        return plan
+
+    async def _make_plan(self) -> SpawnPlan:
+        """This spawn's settings from the user's profile and the values configured now. OptionsError for a
+        profile the user may not choose, HTTPError for an image option not allowed."""
         configured = await self.resolved_profiles()
         profile = None
         if configured:
-            try:
-                profile = choose_profile(configured, self.user_options, user=self.user.name,
-                                         groups=self.group_names)
-            except OptionsError as e:
-                raise Refused(e.status, e.message, "forbidden_profile" if e.status == 403 else "bad_options") from None
-            self.progress_log.say(f"Profile: {profile.display_name} ({profile.resources()})")
+            profile = choose_profile(configured, self.user_options, user=self.user.name, groups=self.group_names)
         image_option = (self.user_options or {}).get("image") if profile is None else None
         image, mem_limit, cpu_limit = self._configured or (self.image, self.mem_limit, self.cpu_limit)
-        plan = spawn_plan(profile, Configured(
+        return spawn_plan(profile, Configured(
             image=image, mem_limit=mem_limit, cpu_limit=cpu_limit, environment=self.environment or {},
             gpu_request=self.gpu_request, limits=Limits(
                 max_runtime=self.max_runtime, idle_timeout=self.gpu_idle_timeout,
                 idle_threshold=self.gpu_idle_threshold, warn_before=self.limit_warning_seconds,
             ),
         ), image_option=await self._allowed_image_option(image_option) if image_option else None)
+
+    async def _plan_spawn(self, plan: SpawnPlan | None = None) -> SpawnPlan:
+        """This spawn's settings (`plan`, where made before the record), recorded."""
+        if plan is None:
+            try:
+                plan = await self._make_plan()
+            except OptionsError as e:
+                raise Refused(e.status, e.message, "forbidden_profile" if e.status == 403 else "bad_options") from None
+        if plan.profile is not None:
+            self.progress_log.say(f"Profile: {plan.profile.display_name} ({plan.profile.resources()})")
         self._plan, self.profile_slug, self.limits, self.limit_notice = plan, plan.profile_slug, plan.limits, ""
         self.recorder.note_request(
             self.audit_record_id, profile=plan.profile_slug or None, profile_hash=plan.profile_hash,
@@ -250,11 +293,38 @@ class GPUSpawner(UserChoice):
         )
         return plan
 
-    async def _allocate_for(self, plan: SpawnPlan) -> None:
-        """The devices of `plan`, claimed for this server and recorded; none and no claim for CPU only."""
+    async def _image_verdict(
+        self, plan: SpawnPlan, *, env: tuple[str, ...] | None = None, devices: tuple[str, ...] = (),
+    ) -> cudareq.Verdict | None:
+        """Whether NVIDIA's container toolkit will start the plan's image here (see ``image_fit``); None where
+        it cannot be told yet (the image not on the engine, NVML not answering: the allocation says so)."""
+        try:
+            inventory = await self.nvml_reader().get()
+        except NVMLTimeout:
+            return None
+        return await self.image_fit(plan.image, environment=plan.environment, request=plan.gpus, inventory=inventory,
+                                    env=env, devices=devices)
+
+    async def _check_image_runs(self, plan: SpawnPlan, image: ResolvedImage) -> None:
+        """The resolved image's CUDA requirements, judged again for the image as resolved (just pulled, or its
+        tag moved since) and the devices granted: a server that could not start is refused (its devices go back,
+        its record ends failed); the requirement met is recorded."""
+        env = resources.image_envs.get(image.image_id)
+        if not plan.gpus.wants_gpu or env is None:
+            return
+        verdict = await self._image_verdict(plan, env=env, devices=self.gpu_devices)
+        if verdict is None:
+            return
+        if not verdict.met:
+            self.log.warning("Refused to start %s: %s", self._log_name, verdict.reason)
+            raise Refused(409, verdict.reason, "cuda_requirement")
+        self.recorder.note_requirement(self.audit_record_id, verdict.requirement)
+
+    async def _allocate_for(self, plan: SpawnPlan) -> DeviceFacts | None:
+        """The devices of `plan`, claimed for this server and recorded; none and no claim for CPU only (None)."""
         self.gpu_devices = ()
         if not plan.gpus.wants_gpu:  # CPU-only: no lock, no NVML, no claim
-            return
+            return None
         self.progress_log.say(f"Looking for {plan.gpus.describe()}")
         ask = Ask(
             request=plan.gpus, holder=self.holder, record_id=self.audit_record_id, admin=bool(self.user.admin),
@@ -265,7 +335,7 @@ class GPUSpawner(UserChoice):
             wait_seconds=min(self.gpu_wait_timeout, self.start_timeout),
         )
         try:
-            grant = await claim_devices(ask, read_inventory=self.nvml_reader().get, read_claims=self.device_claims,
+            grant = await claim_devices(ask, read_inventory=self.inventory_reader(plan), read_claims=self.device_claims,
                                         say=self.progress_log.say, log=self.log, name=self._log_name)
         except NoDevices as e:
             raise Refused(e.status, e.message, e.reason) from None
@@ -273,12 +343,30 @@ class GPUSpawner(UserChoice):
         self.log.info("Allocated %s to %s", ", ".join(grant.uuids), self._log_name)
         self.progress_log.say("Allocated " + ", ".join(f"{d.name} ({d.uuid})" for d in grant.devices))
         inventory = await self.nvml_reader().get()
-        self.recorder.note_devices(self.audit_record_id, device_facts(
+        facts = device_facts(
             grant.devices, driver_version=inventory.driver_version, cuda_driver_version=inventory.cuda_driver_version,
-        ))
+        )
+        self.recorder.note_devices(self.audit_record_id, facts)
+        return facts
 
-    async def _resolve_image_for(self, plan: SpawnPlan) -> None:
-        """Pull the plan's image if needed, pin it to its digest and record it."""
+    def inventory_reader(self, plan: SpawnPlan) -> Callable[[], Awaitable[Inventory]]:
+        """Where the allocation for `plan` reads the devices: the host's, without the GPUs whose brand or compute
+        capability the plan's image cannot run on (a swarm leaves out the nodes whose driver cannot run it)."""
+        async def read() -> Inventory:
+            inventory = await self.nvml_reader().get()
+            found = await self.image_requirements(plan.image, environment=plan.environment) if plan.gpus.wants_gpu else None
+            if found is None:
+                return inventory
+            kinds = [gpu_facts(d) for d in inventory.devices if plan.gpus.matches(d)]
+            verdict, unfit = cudareq.judge_kinds(
+                found, cudareq.Host(inventory.driver_version, inventory.cuda_driver_version), kinds, image=plan.image)
+            if not verdict.met or not unfit:  # none fits: the check of the resolved image says why
+                return inventory
+            return replace(inventory, devices=tuple(d for d in inventory.devices if gpu_facts(d) not in unfit))
+        return read
+
+    async def _resolve_image_for(self, plan: SpawnPlan) -> ResolvedImage:
+        """Pull the plan's image if needed, pin it to its digest and record it; what the engine said of it."""
         self.progress_log.say(f"Checking image {plan.image}")
         try:
             found = resolved_image(plan.image, await pulled_image_info(
@@ -290,12 +378,23 @@ class GPUSpawner(UserChoice):
         self.progress_log.say(f"Image {found.shown}")
         pinned = found.repo_digest if self.pin_to_digest else None
         self.spawn_image = images.parse_image(pinned).by_digest() if pinned else plan.image
-        self._settings_hash = plan.settings_hash(image=self.spawn_image, image_id=found.image_id,
-                                                 devices=self.gpu_devices, redact_names=self.audit_redact_names)
         self.recorder.note_image(self.audit_record_id, found, docker_version=await self.docker_version())
+        return found
 
-    async def _create_and_start(self, plan: SpawnPlan) -> Any:
-        """Create the container (or keep one made from the same settings) and start it."""
+    def _describe_server(self, plan: SpawnPlan, image: ResolvedImage, devices: DeviceFacts | None) -> serverinfo.ServerInfo:
+        return serverinfo.server_info(
+            record_id=self.audit_record_id, hub_id=self.hub_id, user=self.user.name, server=self.name or "",
+            profile=plan.profile_slug, image=self.spawn_image or plan.image, resolved=image, devices=devices,
+            version=__version__,
+        )
+
+    async def _create_and_start(self, plan: SpawnPlan, server: serverinfo.ServerInfo) -> Any:
+        """Create the container (or keep one made from the same settings), put the server's file in, and start it."""
+        self._this_server = server
+        self._settings_hash = plan.settings_hash(
+            image=server.image, image_id=server.image_id, devices=self.gpu_devices, redact_names=self.audit_redact_names,
+            server_environment=serverinfo.server_environment(server, with_record=False),
+        )
         await self._replace_kept_container_if_changed()
         self._apply_plan(plan)
         result = await super().start()
@@ -341,11 +440,26 @@ class GPUSpawner(UserChoice):
                                Ending("abandoned", reconcile.REPLACED, ended_at=ended_at).with_container(obj))
 
     async def start_object(self) -> None:
+        await self._write_server_info()
         self.progress_log.say("Starting container")
         # What the engine made of the request (a new or a kept container), read while it starts.
         self.recorder.note_container_soon(resources.keep(self._record_container(self.container_id)))
         await super().start_object()
         self.recorder.note_started(self.audit_record_id)
+
+    async def _write_server_info(self) -> None:
+        """Put the server's file (:data:`gpuspawner.serverinfo.SERVER_INFO_PATH`) into its created container,
+        through the engine (no host file is mounted: it works where the hub runs in a container too). A kept
+        container gets the new spawn's file, so its record id is this spawn's."""
+        if self._this_server is None:
+            return
+        mtime = datetime.datetime.fromisoformat(seams.now_iso()).timestamp()
+        archive = serverinfo.server_archive(self._this_server, mtime=mtime)
+        try:
+            await self.docker("put_archive", self.container_id, "/", archive)
+        except docker.errors.APIError as e:
+            raise web.HTTPError(500, f"Could not write {serverinfo.SERVER_INFO_PATH} into the server's container: "
+                                     f"{e.explanation or e}. Tell an admin (a read-only root file system?).") from None
 
     async def _record_container(self, container_id: str) -> None:
         info = await self.docker("inspect_container", container_id)
@@ -365,7 +479,7 @@ class GPUSpawner(UserChoice):
         else:  # the engine could not say: keep the devices until the hub's reconciliation can
             resources.book.keep_unconfirmed(record_id)
         if self._attempt == record_id:  # no later spawn of this server has begun meanwhile
-            self.gpu_devices, self.spawn_image = (), None
+            self.gpu_devices, self.spawn_image, self._this_server = (), None, None
             self._restore_configured()
         # the container it made is named, though the spawn was cut short before it noted it
         await self.recorder.finish(record_id, Ending("failed", error_text(error), container_id=removed))

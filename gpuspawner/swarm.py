@@ -20,9 +20,10 @@ Pure code: no docker, pynvml, jupyterhub or database imports.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
+from . import cudareq
 from .allocation import GPURequest, Holder
 from .audit import RecordedDevice
 from .devices import Device, Inventory
@@ -264,16 +265,55 @@ def generic_resources(request: GPURequest) -> dict[str, int]:
     return {kind_of(request): request.device_count} if request.wants_gpu else {}
 
 
-def placement(model: str | None, nodes: Iterable[SwarmNode] = ()) -> list[str]:
+def placement(model: str | None, nodes: Iterable[SwarmNode] = (), *, avoid: Collection[str] = ()) -> list[str]:
     """The service's constraints: a node labelled with GPUs of `model` (the model the hub's queue found
     free for a request; Swarm's constraints have no pattern matching). The node label, unless the nodes
-    of that model say it only in their engine labels (daemon.json)."""
+    of that model say it only in their engine labels (daemon.json). `avoid`: IDs of nodes whose driver
+    cannot run the image (:func:`judge_nodes`), which Swarm must not choose."""
+    shun = [f"node.id!={node_id}" for node_id in sorted(avoid)]
     if not model:
-        return []
+        return shun
     nodes = list(nodes)
     engine_only = any(n.engine_labels.get(MODEL_LABEL) == model for n in nodes) and not any(
         n.labels.get(MODEL_LABEL) == model for n in nodes)
-    return [f"{'engine' if engine_only else 'node'}.labels.{MODEL_LABEL}=={model}"]
+    return [f"{'engine' if engine_only else 'node'}.labels.{MODEL_LABEL}=={model}", *shun]
+
+
+def gpu_nodes(request: GPURequest, nodes: Iterable[SwarmNode], *, devices: Collection[str] = ()) -> list[SwarmNode]:
+    """The schedulable nodes that advertise devices of `request`'s kind; given `devices` (UUIDs), the nodes
+    that have one of them."""
+    kind = kind_of(request)
+    return [n for n in nodes if n.schedulable and any(
+        (value in devices) if devices else (k == kind) for k, value in n.resources)]
+
+
+def node_host(node: SwarmNode) -> cudareq.Host:
+    """What an image's CUDA requirements are judged against on `node`: the driver and CUDA versions its
+    engine labels say (``gpuspawner swarm-node-config`` writes them; a node without them is not judged)."""
+    return cudareq.Host(driver=node.label(DRIVER_LABEL), cuda=node.label(CUDA_LABEL), where=f"node {node.hostname}")
+
+
+def judge_nodes(found: cudareq.ImageRequirements, nodes: Sequence[SwarmNode], *, image: str) -> tuple[cudareq.Verdict, frozenset[str]]:
+    """Whether a server of `image` can start on one of `nodes` (met where one node's driver meets `found`),
+    and the IDs of the nodes whose driver cannot run it. Where none can, the sentence names the node whose
+    driver comes closest."""
+    verdicts = {n.id: cudareq.judge(found, node_host(n), image=image) for n in nodes}
+    unfit = frozenset(node_id for node_id, v in verdicts.items() if not v.met)
+    fitting = [v for v in verdicts.values() if v.met]
+    if fitting or not nodes:
+        return (fitting[0] if fitting else cudareq.judge(found, cudareq.Host(driver=None, cuda=None), image=image)), unfit
+    best = max(nodes, key=lambda n: (cudareq.version_key(n.label(CUDA_LABEL)), cudareq.version_key(n.label(DRIVER_LABEL))))
+    host = node_host(best)
+    if len(nodes) > 1:
+        host = replace(host, aside=f" (the newest of the swarm's {len(nodes)} nodes with such GPUs)")
+    return cudareq.judge(found, host, image=image), unfit
+
+
+def without_nodes(inventory: Inventory, node_ids: Collection[str]) -> Inventory:
+    """`inventory` without the devices of the nodes `node_ids` (nodes that cannot run a spawn's image)."""
+    if not node_ids:
+        return inventory
+    return replace(inventory, devices=tuple(d for d in inventory.devices if d.node not in node_ids))
 
 
 def node_daemon_config(inventory: Inventory) -> dict[str, object]:

@@ -6,6 +6,8 @@ What changes is where the GPUs come from:
 
 - the devices are what the swarm's schedulable nodes advertise as generic resources, and what
   holds them is the swarm's tasks (:mod:`gpuspawner.swarm`), read from the manager;
+- an image's CUDA requirements are judged against each node's driver as its engine labels say: a
+  node that cannot run the image is neither allocated from nor chosen by Swarm;
 - a server is a service asking Swarm for its kind and number of devices (``NVIDIA-GPU=2``,
   ``NVIDIA-MIG-1g.10gb=1``), constrained to nodes of the GPU model the queue found free; Swarm
   places it and picks the UUIDs, which the spawner reads back from the task and records with the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import docker.errors
@@ -31,10 +34,10 @@ from docker.types import ContainerSpec, EndpointSpec, Placement, Resources, Rest
 from dockerspawner import SwarmSpawner
 from tornado import web
 
-from . import labels, reconcile, swarm
-from .allocation import Holder
+from . import cudareq, labels, reconcile, swarm
+from .allocation import GPURequest, Holder
 from .devices import Inventory
-from .facts import DeviceFacts
+from .facts import DeviceFacts, ResolvedImage
 from .gpus import remembered_claims
 from .hubwide import resources
 from .injection import gpu_environment
@@ -79,6 +82,34 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
 
         return await remembered_claims(self.hub_id, read, max_age=max_age)
 
+    def judge_requirements(
+        self, found: cudareq.ImageRequirements, *, image: str, request: GPURequest, inventory: Inventory,
+        devices: Sequence[str] = (),
+    ) -> cudareq.Verdict:
+        """`found` judged against the drivers of the swarm's nodes with GPUs of `request`'s kind (given
+        `devices`, the node that has them), as their engine labels say: met where one of them can run it."""
+        nodes = swarm.gpu_nodes(request, resources.swarm_nodes[1] or [], devices=devices)
+        return swarm.judge_nodes(found, nodes, image=image)[0]
+
+    def inventory_reader(self, plan: SpawnPlan) -> Callable[[], Awaitable[Inventory]]:
+        """The swarm's devices without those of nodes whose driver cannot run the plan's image."""
+        async def read() -> Inventory:
+            inventory = await self.nvml_reader().get()
+            return swarm.without_nodes(inventory, await self._unfit_nodes(plan))
+        return read
+
+    async def _unfit_nodes(self, plan: SpawnPlan) -> frozenset[str]:
+        """IDs of the GPU nodes whose driver cannot run the plan's image, where another node can (none while the
+        manager has no copy of it, or no node can: the spawn judges the node it got once the image is resolved)."""
+        if not plan.gpus.wants_gpu:
+            return frozenset()
+        found = await self.image_requirements(plan.image, environment=plan.environment)
+        if found is None:
+            return frozenset()
+        nodes = swarm.gpu_nodes(plan.gpus, resources.swarm_nodes[1] or [])
+        verdict, unfit = swarm.judge_nodes(found, nodes, image=plan.image)
+        return unfit if verdict.met else frozenset()  # none fits: the check of the resolved image says why
+
     async def swarm_tasks(self, *, service: str | None = None, holding: bool = False) -> list[swarm.SwarmTask]:
         """The swarm's tasks (of one service, by name; only those holding resources, where `holding`),
         with their services' names and labels."""
@@ -112,13 +143,19 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             env.update(gpu_environment(()))
         return env
 
-    async def _resolve_image_for(self, plan: SpawnPlan) -> None:
+    def server_environment(self) -> dict[str, str]:
+        """None: Swarm chooses a server's devices after its service is created, so the ``GPUSPAWNER_*``
+        variables and file (which name them) are not given to a swarm's servers yet."""
+        return {}
+
+    async def _resolve_image_for(self, plan: SpawnPlan) -> ResolvedImage:
         """As GPUSpawner's (the manager pulls the image as ``pull_policy`` says, and the service is created
         from its digest, so every node runs the recorded image); an image no registry has is refused."""
-        await super()._resolve_image_for(plan)
+        found = await super()._resolve_image_for(plan)
         if not (self.spawn_image and "@sha256:" in self.spawn_image):
             raise web.HTTPError(500, f"Image {plan.image} has no repository digest: on a swarm every image must come "
                                      "from a registry all nodes reach (push it, and pin the profile to its digest).")
+        return found
 
     async def create_object(self) -> dict[str, Any]:
         """The server's service: its image by digest, its devices as generic resources of the plan's kind,
@@ -136,7 +173,9 @@ class GPUSwarmSpawner(GPUSpawner, SwarmSpawner):  # type: ignore[misc]  # docker
             "generic_resources": swarm.generic_resources(self._plan.gpus) or None, **self.extra_resources_spec,
         })
         extra_placement = dict(self.extra_placement_spec)
-        constraints = swarm.placement(granted, resources.swarm_nodes[1] or []) + list(extra_placement.pop("constraints", None) or [])
+        avoid = await self._unfit_nodes(self._plan)
+        constraints = swarm.placement(granted, resources.swarm_nodes[1] or [], avoid=avoid) + list(
+            extra_placement.pop("constraints", None) or [])
         template = TaskTemplate(**{
             "container_spec": container, "resources": task_resources,
             "networks": [self.network_name] if self.network_name else [],

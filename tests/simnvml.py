@@ -17,6 +17,7 @@ exactly as against the real driver; only the answers come from a JSON file:
         "numa_node": 0, "pcie_switch": 0,       # topology: same switch -> SINGLE, same node -> NODE
         "processes": [{"pid": 4242, "used_memory": 1073741824}],
         "lost": false,                          # true: every query answers GPU_IS_LOST
+        "brand": 14, "compute_capability": "8.0",  # nvmlBrandType_t (14: NVML_BRAND_NVIDIA), major.minor
         "mig": [{"uuid": "MIG-…", "profile": "1g.10gb", "memory_total": …, "memory_used": 0}]
       }]
     }
@@ -282,6 +283,18 @@ def nvmlDeviceGetComputeRunningProcesses_v3(spec: _Spec, gpu: dict, mig: dict | 
         slot.usedGpuMemory = int(proc.get("used_memory", 0))
     capacity.value = len(procs)
     return SUCCESS
+
+
+@_device_call(CFUNCTYPE(c_int, H, P))
+def nvmlDeviceGetBrand(spec: _Spec, gpu: dict, mig: dict | None, out: int) -> int:
+    return _set(out, c_uint, int(gpu.get("brand", pynvml.NVML_BRAND_NVIDIA)))  # a MIG device is its GPU's brand
+
+
+@_device_call(CFUNCTYPE(c_int, H, P, P))
+def nvmlDeviceGetCudaComputeCapability(spec: _Spec, gpu: dict, mig: dict | None, major: int, minor: int) -> int:
+    first, _, second = str(gpu.get("compute_capability", "8.0")).partition(".")
+    _set(major, c_int, int(first))
+    return _set(minor, c_int, int(second or 0))
 
 
 @_device_call(CFUNCTYPE(c_int, H, P, P))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gpuspawner"
-PURE = ["allocation.py", "audit.py", "auditlog.py", "redaction.py", "claims.py", "devices.py", "export.py", "images.py", "injection.py", "labels.py", "profiles.py", "reconcile.py", "settings.py", "times.py", "userinput.py", "plan.py", "facts.py", "progress.py", "gpuqueue.py", "limits.py", "usage.py", "readings.py", "charts.py", "swarm.py", "witness.py"]
+PURE = ["allocation.py", "audit.py", "auditlog.py", "redaction.py", "claims.py", "devices.py", "export.py", "images.py", "injection.py", "labels.py", "profiles.py", "reconcile.py", "settings.py", "times.py", "userinput.py", "plan.py", "facts.py", "progress.py", "gpuqueue.py", "limits.py", "usage.py", "readings.py", "charts.py", "swarm.py", "witness.py", "serverinfo.py", "cudareq.py"]
 # Libraries that talk to the outside world. A module of the package that imports one, or that
 # imports (directly or through others) a module of the package that does, is an I/O module.
 IO_LIBRARIES = {

@@ -33,6 +33,7 @@ changes = st.fixed_dictionaries({}, optional={
     "profile": names, "image_id": names, "devices": devices, "started_at": times, "outcome": st.sampled_from(["starting", "running"]),
     "environment": st.dictionaries(names, names, max_size=3), "cpu_limit": st.none() | st.floats(0, 64),
     "mem_limit": st.none() | st.integers(0, 2**40), "groups": st.lists(names, max_size=3).map(tuple),
+    "cuda_requirement": st.none() | names,
 })
 endings = st.fixed_dictionaries({"outcome": st.sampled_from(["stopped", "died", "failed", "abandoned"])}, optional={
     "stopped_at": times, "error": names, "exit_code": st.none() | st.integers(-255, 255), "idle_gpu_seconds": st.none() | st.floats(0, 1e6),
@@ -171,3 +172,18 @@ def test_a_head_is_read_from_a_head_file_or_from_verifys_line(text: str, head: H
 def test_anything_else_is_not_a_head(text: str) -> None:
     with pytest.raises(ValueError):
         auditlog.head_from_text(text)
+
+
+def test_a_record_written_before_cuda_requirements_were_kept_still_verifies_and_reads_back_without_one() -> None:
+    opened = AuditRecord(id="r1", hub_id="hub-1", user="ada", server="", requested_at=AT)
+    ended = replace(opened, outcome="stopped", stopped_at=AT)
+    # what a gpuspawner before the field wrote: the same entry bodies, none naming cuda_requirement
+    old = sealed_log([auditlog.opening(opened, at=AT), auditlog.closing(ended, at=AT)])
+    assert all("cuda_requirement" not in e.body for e in old)
+    assert auditlog.verify_log(old, key=KEY).ok
+    assert auditlog.fold(old[1:]).cuda_requirement is None  # type: ignore[union-attr]
+    met = 'NVIDIA_REQUIRE_CUDA="cuda>=12.4"'
+    new = sealed_log([auditlog.opening(opened, at=AT), auditlog.change("r1", {"cuda_requirement": met}, at=AT),
+                      auditlog.closing(replace(ended, cuda_requirement=met), at=AT)])
+    assert auditlog.verify_log(new, key=KEY).ok
+    assert auditlog.fold(new[1:]).cuda_requirement == met  # type: ignore[union-attr]

@@ -8,6 +8,7 @@ saved to test-output/; docs/ holds the copies the README shows.
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import threading
 import time
@@ -304,3 +305,60 @@ c.GPUSpawner.gpu_idle_timeout = "1h"
     finally:
         stop.set()
         trainer.join(timeout=5)
+
+
+def test_a_user_downloads_the_ro_crate_of_their_own_server_and_gets_403_for_anothers(
+    start_hub: Callable[..., RunningHub], singleuser_image: str, tmp_path: Path, browser: object
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from gpuspawner.store import AuditStore
+
+    driver = browser
+    spec = simnvml.write_spec(tmp_path / "gpus.json", [simnvml.gpu(0)])
+    profiles = [{"slug": "gpu", "display_name": "One GPU", "image": singleuser_image, "gpus": 1, "default": True}]
+    port = free_port()
+    hub = start_hub(extra=sim_config(spec, f"""
+from gpuspawner.service import audit_service, users_read_own_records
+audit_service(c, config_file=__file__, port={port})
+users_read_own_records(c)
+c.JupyterHub.redirect_to_server = False
+c.GPUSpawner.profiles = {profiles!r}
+"""))
+    assert hub.spawn("ada").status_code in (201, 202)
+    assert hub.spawn("bob").status_code == 503  # ada holds the only GPU: bob's refused spawn has its record too
+    hub.wait_ready("ada")
+    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}")
+    (ada_record,) = [r for r in store.iter_records() if r.user == "ada"]
+    (bob_record,) = [r for r in store.iter_records() if r.user == "bob"]
+    store.dispose()
+    url = f"{hub.url}/services/audit/"
+    wait_for(lambda: requests.get(url, timeout=5, allow_redirects=False).status_code in (302, 403), timeout=60,
+             what="the audit service to answer")
+
+    browser_login(driver, hub, "ada")
+    driver.get(url)
+    rows = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "tbody tr"), timeout=30, what="ada's records")
+    assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == ["ada"]  # her own servers only
+    assert driver.find_element(By.TAG_NAME, "h1").text == "Your servers and their environments"
+    OUTPUT.mkdir(exist_ok=True)
+    driver.set_window_size(1920, 420)  # type: ignore[attr-defined]
+    driver.save_screenshot(str(OUTPUT / "own-records.png"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})  # type: ignore[attr-defined]
+    rows[0].find_element(By.CSS_SELECTOR, "a.ro-crate").click()
+    crate = downloads / "ro-crate-metadata.json"
+    wait_for(lambda: crate.exists() and crate.stat().st_size > 0, timeout=30, what="the RO-Crate to download")
+    graph = json.loads(crate.read_text())["@graph"]
+    (action,) = [e for e in graph if e["@type"] == "CreateAction"]
+    assert action["@id"] == f"#server-{ada_record.id}" and "docker run" in action["description"]
+    assert {e["value"] for e in graph if e.get("propertyID") == "devices.uuid"} == {simnvml.gpu(0)["uuid"]}
+
+    for name in ("ro-crate-metadata.json", "record.json", "reproduce.sh"):  # bob's record: refused, not empty
+        driver.get(f"{url}records/{bob_record.id}/{name}")
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert body.startswith("403") and bob_record.id not in body, body
+    ada = login(hub, "ada")  # the same, without a browser: an export asking for bob's records is refused
+    assert ada.get(url + "export.csv?user=bob", timeout=60).status_code == 403
+    assert [line.split(",")[0].strip('"') for line in ada.get(url + "export.csv", timeout=60).text.splitlines()[1:]] == [ada_record.id]

@@ -72,13 +72,18 @@ def profile_hub(start_hub: Callable[..., RunningHub], image: str, tmp_path: Path
     return start_hub(extra=sim_config(spec, f"c.GPUSpawner.profiles = {profiles!r}\n{extra}"))
 
 
+def ada_running(start_hub: Callable[..., RunningHub], image: str, tmp_path: Path) -> tuple[RunningHub, AuditRecord]:
+    """A hub of :func:`profile_hub` with ada's server running, and its record."""
+    hub = profile_hub(start_hub, image, tmp_path)
+    assert hub.spawn("ada").status_code in (201, 202)
+    hub.wait_ready("ada")
+    return hub, wait_outcome(hub, "ada", "running")
+
+
 def test_a_pushed_images_recorded_digest_is_the_registrys(
     pushed_image: dict[str, str], start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
-    hub = profile_hub(start_hub, pushed_image["ref"], tmp_path)
-    assert hub.spawn("ada").status_code in (201, 202)
-    hub.wait_ready("ada")
-    record = wait_outcome(hub, "ada", "running")
+    hub, record = ada_running(start_hub, pushed_image["ref"], tmp_path)
     assert record.repo_digest == f"{pushed_image['repo']}@{pushed_image['digest']}"
     assert record.image_requested == pushed_image["ref"]
     assert record.image_id == pushed_image["image_id"]
@@ -97,6 +102,45 @@ def test_a_pushed_images_recorded_digest_is_the_registrys(
     hub.stop_server("ada")
     stopped = wait_outcome(hub, "ada", "stopped")
     assert stopped.sealed and stopped.stopped_at
+
+
+def exec_in(bed: DockerBed, container_id: str, *command: str) -> tuple[int, str]:
+    """`docker exec` as the container's own user (the researcher's): exit code and output."""
+    run = bed.api.exec_create(container_id, list(command))
+    output = bed.api.exec_start(run["Id"]).decode()
+    return bed.api.exec_inspect(run["Id"])["ExitCode"], output
+
+
+def test_a_server_knows_its_record_image_and_gpus_as_its_audit_record_says(
+    pushed_image: dict[str, str], start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
+) -> None:
+    hub, record = ada_running(start_hub, pushed_image["ref"], tmp_path)
+    container = container_of(docker_bed, hub, "ada")["Id"]
+    code, out = exec_in(docker_bed, container, "python3", "-c", "import json, os; print(json.dumps(dict(os.environ)))")
+    assert code == 0, out
+    env = {k: v for k, v in json.loads(out).items() if k.startswith("GPUSPAWNER_")}
+    assert env == {
+        "GPUSPAWNER_SERVER_INFO": "/etc/gpuspawner/server.json", "GPUSPAWNER_RECORD_ID": record.id,
+        "GPUSPAWNER_PROFILE": "gpu", "GPUSPAWNER_IMAGE": record.repo_digest,
+        "GPUSPAWNER_IMAGE_DIGEST": f"{pushed_image['repo']}@{pushed_image['digest']}",
+        "GPUSPAWNER_IMAGE_ID": record.image_id, "GPUSPAWNER_GPUS": simnvml.gpu(0)["uuid"],
+        "GPUSPAWNER_DRIVER_VERSION": record.driver_version, "GPUSPAWNER_CUDA_DRIVER_VERSION": record.cuda_driver_version,
+    }
+    assert record.driver_version and record.cuda_driver_version
+    assert not any(name.startswith("GPUSPAWNER_") for name in record.environment)  # the record is the source, not a copy
+
+    code, out = exec_in(docker_bed, container, "cat", "/etc/gpuspawner/server.json")
+    assert code == 0, out
+    server = json.loads(out)
+    assert (server["schema_version"], server["record_id"], server["profile"]) == (1, record.id, "gpu")
+    assert server["image"] == {"requested": pushed_image["ref"], "reference": record.repo_digest,
+                               "repo_digest": record.repo_digest, "image_id": record.image_id}
+    assert server["gpus"] == [{"uuid": d.uuid, "model": d.model, "memory_total": d.memory_total,
+                               "mig_parent": d.mig_parent, "mig_profile": d.mig_profile} for d in record.devices]
+    assert (server["driver_version"], server["cuda_driver_version"]) == (record.driver_version, record.cuda_driver_version)
+    # root's and read-only: the researcher's notebook reads it and cannot change it
+    assert exec_in(docker_bed, container, "stat", "-c", "%U %a", "/etc/gpuspawner/server.json") == (0, "root 444\n")
+    assert exec_in(docker_bed, container, "sh", "-c", "echo x >> /etc/gpuspawner/server.json")[0] != 0
 
 
 @pytest.mark.parametrize("pull_policy", ["ifnotpresent", "always"])

@@ -13,7 +13,8 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ROOT, unavailable
+import simnvml
+from helpers import ROOT, TESTS, unavailable
 from testbed import DockerBed, free_port, wait_for
 
 pytestmark = pytest.mark.docker
@@ -92,6 +94,11 @@ def test_the_compose_file_validates_and_is_safe_by_default() -> None:
     assert hub["environment"]["GPUSPAWNER_NETWORK"] in hub["networks"]
     assert hub["build"]["dockerfile"] == "docker/hub/Dockerfile"
     assert "GPUSPAWNER_AUTH" not in hub["environment"]  # each person's own account (the config's default)
+    # the hub gets every GPU's device node and NVML, not CUDA; it and the audit service are marked as services
+    (device,) = hub["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu", "utility"]}
+    assert hub["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert hub["labels"] == {"org.gpuspawner.role": "hub"}
     assert (ROOT / "docker/.env").read_text().strip() == "COMPOSE_PROJECT_NAME=gpuspawner"
 
 
@@ -130,11 +137,29 @@ class Deployment:
     network: str
     suffix: str  # in the names of this test's users, so their volumes are found and removed
     metrics_token: str  # its GPUSPAWNER_METRICS_TOKEN
+    gpus: tuple[str, ...]  # the UUIDs of the stand-in GPUs its hub reads
 
 
 @pytest.fixture
 def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp_path: Path) -> Iterator[Deployment]:
     """`docker-compose up` of the shipped compose file, with a test override; all of it goes afterwards."""
+    with deployed(docker_bed, hub_image, singleuser_image, tmp_path) as dep:
+        yield dep
+
+
+def as_admins_write_it(hub: dict[str, Any]) -> None:
+    """The hub's GPU request as NVIDIA's examples write it, in a compose file of an admin's own: every
+    GPU, no `utility`, no role label (the hub finds its own container all the same)."""
+    hub["deploy"]["resources"]["reservations"]["devices"] = [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    del hub["labels"], hub["environment"]["NVIDIA_DRIVER_CAPABILITIES"]
+
+
+@contextmanager
+def deployed(
+    docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp_path: Path, *,
+    edit_hub: Callable[[dict[str, Any]], None] = lambda hub: None,
+) -> Iterator[Deployment]:
+    """The shipped compose file up, its hub (after `edit_hub`) reading two stand-in GPUs; all of it goes afterwards."""
     if shutil.which("docker-compose") is None:
         unavailable("docker-compose is not installed (Debian package docker-compose)")
     project = "gpst" + secrets.token_hex(4)
@@ -142,7 +167,14 @@ def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp
     dep = Deployment(
         url=f"http://127.0.0.1:{free_port()}", hub=project + "-hub", audit=project + "-audit", admin="boss" + suffix,
         network=project + "-net", suffix=suffix, metrics_token=secrets.token_hex(32),
+        gpus=tuple(simnvml.gpu(n)["uuid"] for n in (0, 1)),
     )
+    # The hub's NVML answers from a spec file: every Python process of its container installs the stand-in.
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    shutil.copy(TESTS / "simnvml.py", sim)
+    simnvml.write_spec(sim / "gpus.json", [simnvml.gpu(n) for n in (0, 1)])
+    (sim / "sitecustomize.py").write_text("import simnvml\nsimnvml.install('/srv/sim/gpus.json')\n")
     # What differs from a lab's deployment: the image built here, names of this test's own.
     override = tmp_path / "docker-compose.test.yml"
     override.write_text(yaml.safe_dump({
@@ -158,18 +190,21 @@ def deployment(docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp
     }))
     # Set as a lab's admin sets them: in the environment of docker-compose. The witness checks every second.
     env = dict(os.environ, GPUSPAWNER_ADMIN_USERS=dep.admin, GPUSPAWNER_IMAGE=singleuser_image, GPUSPAWNER_IDLE_TIMEOUT="0",
-               GPUSPAWNER_METRICS_TOKEN=dep.metrics_token, GPUSPAWNER_AUDIT_WITNESS_SECONDS="1")
+               GPUSPAWNER_GPU_IMAGE=singleuser_image, GPUSPAWNER_METRICS_TOKEN=dep.metrics_token,
+               GPUSPAWNER_AUDIT_WITNESS_SECONDS="1")
     merged = subprocess.run(
         ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override), "config"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert merged.returncode == 0, merged.stderr
-    # An override file can only add to `ports` and cannot remove `deploy` (compose v1): this host
-    # has no NVIDIA GPU to reserve, and port 8000 may be taken.
+    # An override file can only add to `ports` (compose v1), and port 8000 may be taken. The hub's
+    # `deploy:` GPU request stays: the test bed's engine accepts it (the stand-in hook records it).
     config = yaml.safe_load(merged.stdout)
     hub = config["services"]["hub"]
-    del hub["deploy"]
     hub["ports"] = [f"127.0.0.1:{dep.url.rsplit(':', 1)[1]}:8000"]
+    hub["volumes"].append(f"{sim}:/srv/sim:ro")
+    hub["environment"]["PYTHONPATH"] = "/srv/sim"
+    edit_hub(hub)
     resolved = tmp_path / "docker-compose.resolved.yml"
     resolved.write_text(yaml.safe_dump(config))
     compose = ["docker-compose", "-p", project, "-f", str(resolved)]
@@ -238,9 +273,10 @@ class Person:
         r = self.form("/hub/login", {"username": name, "password": password}, follow=False)
         return r.status_code == 302 and "jupyterhub-hub-login" in r.cookies
 
-    def api(self, method: str, path: str) -> requests.Response:
+    def api(self, method: str, path: str, *, json: dict[str, Any] | None = None) -> requests.Response:
         xsrf = self.http.cookies.get("_xsrf", path="/hub/")
-        return self.http.request(method, self.url + "/hub/api" + path, headers={"X-XSRFToken": xsrf}, timeout=30)
+        return self.http.request(method, self.url + "/hub/api" + path, headers={"X-XSRFToken": xsrf}, json=json,
+                                 timeout=60)
 
     def start_server(self, name: str, profile: str) -> None:
         r = self.form(f"/hub/spawn/{name}", {"profile": profile})
@@ -297,7 +333,10 @@ def test_the_compose_deployment_gives_each_person_their_own_account_audits_their
 
     for person, name in ((ada, a), (bob, b)):
         person.start_server(name, "cpu")
+        if person is ada:
+            knows_itself(docker_bed, name)
         person.stop_server(name)
+    gets_a_gpu(docker_bed, dep, ada, a)
 
     # The audit page shows the records the hub wrote into the data volume.
     page = admin.http.get(dep.url + "/services/audit/", timeout=60)
@@ -310,11 +349,62 @@ def test_the_compose_deployment_gives_each_person_their_own_account_audits_their
     stored = [json.loads(line) for line in exec_.output[0].decode().splitlines()]
     assert {user for _, user in shown} == {a, b}
     assert sorted(shown) == sorted((r["id"], r["user"]) for r in stored)
-    # and not to a person who is not an admin
-    assert bob.http.get(dep.url + "/services/audit/", timeout=60).status_code == 403
+    # a person who is not an admin reads the records of their own servers there, and nobody else's
+    own = bob.http.get(dep.url + "/services/audit/", timeout=60)
+    assert own.status_code == 200 and {user for _, user in audit_rows(own.text)} == {b}, own.text[-2000:]
+    adas = next(r["id"] for r in stored if r["user"] == a)
+    assert bob.http.get(f"{dep.url}/services/audit/records/{adas}/ro-crate-metadata.json", timeout=60).status_code == 403
 
     # The audit service, in its own container, has witnessed the log; then the hub's store is rolled back.
     witness_flags_a_rollback(docker_bed, dep, admin)
+
+
+def knows_itself(docker_bed: DockerBed, name: str) -> None:
+    """`name`'s running server holds its record's facts in /etc/gpuspawner/server.json, which the hub, itself in a
+    container, put there through the engine (no file of the hub's is mounted)."""
+    (server,) = docker_bed.api.containers(filters={"label": f"gpuspawner.user={name}"})
+    run = docker_bed.api.exec_create(server["Id"], ["cat", "/etc/gpuspawner/server.json"])
+    facts = json.loads(docker_bed.api.exec_start(run["Id"]))
+    assert (facts["user"], facts["record_id"], facts["gpus"]) == (name, server["Labels"]["gpuspawner.record"], [])
+
+
+def gets_a_gpu(docker_bed: DockerBed, dep: Deployment, person: Person, name: str) -> None:
+    """`name` starts a server of the GPU profile and its container gets one GPU, though the hub's own
+    container was given every GPU (to read them); then the server stops."""
+    hub = docker_bed.api.inspect_container(dep.hub)
+    assert [r["Count"] for r in hub["HostConfig"]["DeviceRequests"]] == [-1]
+    assert docker_bed.hook_record(hub["Id"])["nvidia_visible_devices"] == "all"
+
+    r = person.api("POST", f"/users/{name}/server", json={"profile": "gpu-1"})
+    assert r.status_code in (201, 202), r.text[-2000:]
+    wait_for(lambda: (person.api("GET", f"/users/{name}").json()["servers"].get("") or {}).get("ready"),
+             timeout=180, interval=1, what=f"{name}'s GPU server to be ready")
+    (server,) = docker_bed.api.containers(filters={"label": [f"gpuspawner.user={name}", "gpuspawner.profile=gpu-1"]})
+    given = docker_bed.hook_record(server["Id"])["devices"]
+    assert len(given) == 1 and given[0] in dep.gpus
+    assert server["Labels"]["gpuspawner.devices"] == given[0]
+    # the spawn form counts only the user's server as holding one
+    form = person.http.get(f"{dep.url}/hub/spawn/{name}/second", timeout=60)
+    assert form.status_code == 200 and "1 of 2 NVIDIA A100-SXM4-80GB free" in form.text, form.text[-3000:]
+    person.stop_server(name)
+
+
+def test_a_hub_whose_own_container_holds_every_gpu_as_admins_write_it_still_hands_them_out(
+    docker_bed: DockerBed, hub_image: str, singleuser_image: str, tmp_path: Path
+) -> None:
+    with deployed(docker_bed, hub_image, singleuser_image, tmp_path, edit_hub=as_admins_write_it) as dep:
+        admin, ada = Person(dep.url), Person(dep.url)
+        a = "ada" + dep.suffix
+        passwords = {name: name + " " + secrets.token_hex(8) for name in (dep.admin, a)}
+        assert "successful" in admin.sign_up(dep.admin, passwords[dep.admin])
+        assert admin.log_in(dep.admin, passwords[dep.admin])
+        assert "sent to the admin" in ada.sign_up(a, passwords[a])
+        assert admin.http.get(f"{dep.url}/hub/authorize/{a}", timeout=30).status_code == 200
+        assert ada.log_in(a, passwords[a])
+        hub = docker_bed.api.inspect_container(dep.hub)
+        assert "org.gpuspawner.role" not in hub["Config"]["Labels"]
+        assert hub["HostConfig"]["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
+        gets_a_gpu(docker_bed, dep, ada, a)
 
 
 def scrape(dep: Deployment, *, token: str | None = None) -> dict[str, float]:

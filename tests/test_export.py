@@ -323,3 +323,12 @@ def test_the_crate_of_many_servers_keeps_no_record_in_memory() -> None:
         tracemalloc.stop()
     # Each action's JSON is about 3 kB: holding them all would take well over 5 MiB.
     assert peak < 1024 * 1024
+
+
+def test_the_cuda_requirement_the_driver_met_is_a_column_and_a_fact_of_the_crate() -> None:
+    met = 'NVIDIA_REQUIRE_CUDA="cuda>=12.4 brand=tesla,driver>=470,driver<471"'
+    (row,) = csv_rows([record(2, cuda_requirement=met)])
+    assert row["cuda_requirement"] == met
+    graph = crate_graph([record(2, cuda_requirement=met), record(4, devices=())])
+    assert facts(graph, "#server-r2")["CUDA requirement of the image that the driver met"] == [met]
+    assert "CUDA requirement of the image that the driver met" not in facts(graph, "#server-r4")

@@ -183,3 +183,26 @@ def test_a_profile_shows_how_many_wait_ahead_and_is_not_startable_past_them() ->
     assert 'data-queued="gpu">2 waiting ahead</span>' in html and 'data-queued="cpu"' not in html
     alone = form_entries(mine, ONE_GPU, FREE, holder=ME, busy_memory_threshold=GiB, waiting=False, last_choice=None)
     assert (alone[0]["queued"], alone[0]["startable"]) == (0, True)
+
+
+# --- An image the host's driver cannot run ------------------------------------------------------------
+
+NEEDS_CUDA_13 = ("Image lab/pytorch:2024.10 requires CUDA >= 13.0 (NVIDIA_REQUIRE_CUDA=\"cuda>=13.0\"), but this host's "
+                 "NVIDIA driver 550.54.15 supports CUDA 12.4. Choose a profile whose image fits, or ask an admin to update the driver.")
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["no-waiting", "spawns-wait"])
+def test_a_profile_whose_image_cannot_run_here_says_why_and_cannot_be_chosen(waiting: bool) -> None:
+    mine = profiles("gpu", "gpu2", "cpu")
+    found = form_entries(mine, ONE_GPU, FREE, holder=ME, busy_memory_threshold=GiB, waiting=waiting,
+                         last_choice="gpu", unfit={"gpu": NEEDS_CUDA_13})
+    by_slug = {e["slug"]: e for e in found}
+    assert {k: by_slug["gpu"][k] for k in ("availability", "unfit", "startable", "selectable", "checked")} == {
+        "availability": "image cannot run here", "unfit": NEEDS_CUDA_13, "startable": False, "selectable": False,
+        "checked": False,
+    }
+    assert (by_slug["gpu2"]["unfit"], by_slug["gpu2"]["startable"], by_slug["gpu2"]["checked"]) == ("", True, True)
+    html = render_form(found, waiting=waiting)
+    assert "disabled" in Inputs(html).found["gpu"]
+    assert 'data-unfit="gpu">Image lab/pytorch:2024.10 requires CUDA &gt;= 13.0' in html
+    assert 'data-unfit="gpu2"' not in html

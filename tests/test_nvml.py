@@ -45,6 +45,17 @@ def test_several_gpus_by_uuid_with_their_details(spec: Path) -> None:
     assert all(d.healthy and not d.is_mig for d in inventory.devices)
 
 
+def test_each_gpu_says_its_brand_and_compute_capability_as_the_container_toolkit_compares_them(spec: Path) -> None:
+    import pynvml
+
+    simnvml.write_spec(spec, [
+        simnvml.gpu(0), simnvml.gpu(1, name="Tesla V100-SXM2-32GB", brand=pynvml.NVML_BRAND_TESLA, compute_capability="7.0"),
+        simnvml.gpu(2, mig=[simnvml.mig_device(2, 0)], compute_capability="9.0"),
+    ])
+    found = [(d.brand, d.compute_capability) for d in nvml.read_inventory().devices]
+    assert found == [("nvidia", "8.0"), ("tesla", "7.0"), ("nvidia", "9.0"), ("nvidia", "9.0")]
+
+
 def test_mig_devices_are_listed_with_profile_and_parent_and_no_utilization(spec: Path) -> None:
     simnvml.write_spec(spec, [
         simnvml.gpu(0, mig=[simnvml.mig_device(0, 0), simnvml.mig_device(0, 1, profile="3g.40gb", memory_gib=40)]),

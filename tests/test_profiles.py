@@ -46,6 +46,7 @@ def test_a_full_profile_parses() -> None:
         ([{**CPU, "slug": "CPU Only"}], "GPUSpawner.profiles[0] (slug 'CPU Only'): 'slug' is 'CPU Only'; allowed: lowercase letters"),
         ([{**CPU, "allowed_groups": "ml-lab"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'allowed_groups' is 'ml-lab'; allowed: a list of names."),
         ([{**CPU, "environment": {"N": 1}}], "GPUSpawner.profiles[0] (slug 'cpu'): 'environment' is {'N': 1}; allowed: a dict of text to text."),
+        ([{**CPU, "environment": {"GPUSPAWNER_GPUS": "GPU-x"}}], "GPUSpawner.profiles[0] (slug 'cpu'): 'environment': 'GPUSPAWNER_GPUS' is a variable of gpuspawner's own"),
         ([{**CPU, "default": True}, A100], "GPUSpawner.profiles: profiles 'cpu', 'a100-1' are all marked default; mark one."),
         ({"slug": "cpu"}, "GPUSpawner.profiles is {'slug': 'cpu'}; allowed: a list of profile dicts"),
         ([{**CPU, "max_runtime": "8 hours"}], "GPUSpawner.profiles[0] (slug 'cpu'): 'max_runtime' is '8 hours'; allowed: a duration such as '8h'"),
@@ -54,7 +55,7 @@ def test_a_full_profile_parses() -> None:
     ],
     ids=["unknown-key", "kubespawner-override", "duplicate-slug", "missing-image", "untagged-image", "latest-image",
          "invalid-image", "negative-gpus", "mig-with-count", "zero-cpus", "bad-slug", "groups-not-a-list",
-         "env-not-text", "two-defaults", "not-a-list", "bad-runtime", "negative-idle-timeout", "threshold-over-100"],
+         "env-not-text", "env-named-as-gpuspawners", "two-defaults", "not-a-list", "bad-runtime", "negative-idle-timeout", "threshold-over-100"],
 )
 def test_bad_profiles_are_refused_naming_profile_key_value_and_what_is_allowed(profiles: object, message: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -7,6 +7,7 @@ The service itself (OAuth, 403 for non-admins, CSV and JSONL) runs end to end in
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import stat
@@ -31,9 +32,11 @@ from gpuspawner import auditlog, witness
 from gpuspawner.audit import AuditRecord, RecordedDevice
 from gpuspawner.auditlog import Head
 from gpuspawner.service import (
+    OWN_RECORDS,
     SCOPE,
     TABLE_LIMIT,
     AuditWitness,
+    Readable,
     TableHandler,
     _page,
     audit_service,
@@ -41,12 +44,15 @@ from gpuspawner.service import (
     main,
     make_app,
     metrics_registry,
+    readable_by,
+    users_read_own_records,
 )
 from gpuspawner.store import AuditStore, AuditStoreError, Filters, load_key, read_head
 from helpers import ROOT
 
 PREFIX = "/services/audit/"
 A100 = RecordedDevice(uuid="GPU-5fb1e2a3", model="NVIDIA A100-SXM4-80GB", memory_total=80 * 2**30)
+GET = "JSON · RO-Crate · docker run"  # the text of a row's last cell: its downloads
 
 
 class Page(HTMLParser):
@@ -96,11 +102,14 @@ def test_each_record_is_a_row_with_its_image_gpus_and_seal() -> None:
     page = Page(_page(records, Filters(), "", prefix=PREFIX))
     assert page.rows[1:] == [
         ["r1", "ada", "", "a100-1", "stopped", "2026-11-21T10:00:01+00:00", "2026-11-21T11:00:00+00:00",
-         "lab/pytorch@sha256:" + "c" * 64, "NVIDIA A100-SXM4-80GB GPU-5fb1e2a3", "", "sealed"],
+         "lab/pytorch@sha256:" + "c" * 64, "NVIDIA A100-SXM4-80GB GPU-5fb1e2a3", "", "sealed", GET],
         ["r2", "bob", "big", "", "failed", "2026-11-21T10:00:02+00:00", "",
-         f"sha256:{'d' * 64} (no repository digest)", "", "No free GPU.", "open"],
+         f"sha256:{'d' * 64} (no repository digest)", "", "No free GPU.", "open", GET],
     ]
     assert page.rows[0] == []  # the header row has <th> cells
+    # each record's own downloads: the record as JSON, its RO-Crate, its docker run line
+    assert page.links[3:] == [f"{PREFIX}records/r{n}/{name}" for n in (1, 2)
+                              for name in ("record.json", "ro-crate-metadata.json", "reproduce.sh")]
 
 
 def test_text_from_users_and_images_is_shown_as_text_never_run_as_markup() -> None:
@@ -115,7 +124,7 @@ def test_the_filters_stay_filled_in_and_the_downloads_keep_them() -> None:
     filters = Filters(since="2026-11-01", user="ada", profile="a100-1")
     page = Page(_page([], filters, "since=2026-11-01&user=ada&profile=a100-1", prefix=PREFIX))
     assert page.inputs == {"user": "ada", "profile": "a100-1", "since": "2026-11-01", "until": ""}
-    assert page.links == [f"{PREFIX}export.{fmt}?since=2026-11-01&user=ada&profile=a100-1" for fmt in ("csv", "jsonl")]
+    assert page.links == [f"{PREFIX}export.{fmt}?since=2026-11-01&user=ada&profile=a100-1" for fmt in ("csv", "jsonl", "ro-crate")]
     assert page.rows == [[]]  # the header row only
 
 
@@ -504,3 +513,168 @@ def test_the_service_refuses_a_full_check_more_often_than_its_polls(capsys: pyte
     with pytest.raises(SystemExit):
         main(["-f", "x.py", "--witness-seconds", "60", "--full-check-seconds", "30"])
     assert "--full-check-seconds at least as long" in capsys.readouterr().err
+
+
+# --- Each user reads their own records: the scope filtered to the user, honoured by the service ---------
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"name": "boss", "admin": True, "scopes": []}, Readable()),
+        ({"name": "aud", "admin": False, "scopes": ["access:services", SCOPE]}, Readable()),
+        ({"name": "ada", "admin": False, "scopes": [f"{SCOPE}!user=ada", "access:services!service=audit"]},
+         Readable(frozenset({"ada"}))),
+        ({"name": "pi", "admin": False, "scopes": [f"{SCOPE}!user=pi", f"{SCOPE}!user=ada"]}, Readable(frozenset({"pi", "ada"}))),
+        ({"name": "bob", "admin": False, "scopes": ["access:services", "read:users:name!user=bob"]}, None),
+        ({"name": "grp", "admin": False, "scopes": [f"{SCOPE}!group=ml-lab"]}, None),
+        ({"name": "odd", "admin": False, "scopes": [f"{SCOPE}-other!user=odd"]}, None),
+    ],
+    ids=["admin", "reader-of-all", "own", "several-users", "no-scope", "group-filter-not-honoured", "another-scope"],
+)
+def test_whose_records_a_logged_in_user_reads(model: dict[str, Any], expected: Readable | None) -> None:
+    assert readable_by(model) == expected
+
+
+def test_every_user_is_granted_the_service_and_their_own_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = Config()
+    c.JupyterHub.extra_user_scopes = {"read:groups!group=lab"}
+    users_read_own_records(c)
+    assert c.JupyterHub.extra_user_scopes == {"read:groups!group=lab", "access:services!service=audit", OWN_RECORDS}
+    assert OWN_RECORDS == f"{SCOPE}!user" and SCOPE in c.JupyterHub.custom_scopes
+    # JupyterHub 5 has no extra_user_scopes: the user role is redefined, keeping what it had
+    import jupyterhub._version
+
+    monkeypatch.setattr(jupyterhub._version, "version_info", (5, 4, 0, "", ""))
+    c = Config()
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "read:groups"]}, {"name": "other", "scopes": []}]
+    users_read_own_records(c)
+    assert c.JupyterHub.load_roles == [
+        {"name": "user", "scopes": ["self", "read:groups", "access:services!service=audit", OWN_RECORDS]},
+        {"name": "other", "scopes": []},
+    ]
+    c = Config()
+    users_read_own_records(c, name="records")
+    assert c.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", "access:services!service=records", OWN_RECORDS]}]
+
+
+def test_the_shipped_config_lets_every_user_read_their_own_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPUSPAWNER_AUDIT_SERVICE_URL", raising=False)
+    config = load_shipped_config(tmp_path, monkeypatch)
+    assert {"access:services!service=audit", OWN_RECORDS} <= set(config.JupyterHub.extra_user_scopes)
+
+
+OWN = {
+    "boss": {"name": "boss", "admin": True, "scopes": []},
+    "ada": {"name": "ada", "admin": False, "scopes": [f"{SCOPE}!user=ada", "access:services!service=audit"]},
+    "bob": {"name": "bob", "admin": False, "scopes": [f"{SCOPE}!user=bob", "access:services!service=audit"]},
+    "eve": {"name": "eve", "admin": False, "scopes": ["access:services!service=audit"]},
+}
+
+
+@pytest.fixture
+async def records_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """The service over a hub's store holding servers of ada (r1, r3) and bob (r2); who asks is the header
+    X-Who (one of OWN), as the hub's OAuth would say."""
+    from gpuspawner.service import _Base
+
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.sqlite'}", key=load_key(tmp_path / "audit.key", create=True),
+                       head_file=tmp_path / "audit.head")
+    for n, user in ((1, "ada"), (2, "bob"), (3, "ada")):
+        store.insert(record(n, user=user, profile="a100-1", devices=(A100,), repo_digest="lab/torch@sha256:" + "c" * 64,
+                            environment={"OMP_NUM_THREADS": "4", "LICENSE_SERVER": "lic.lab:27000"}))
+    monkeypatch.setattr(_Base, "get_current_user", lambda self: OWN.get(self.request.headers.get("X-Who", "")))
+    sock, port = bind_unused_port()
+    server = HTTPServer(make_app(store, redact_names=("LICENSE_SERVER",)))
+    server.add_sockets([sock])
+    yield f"http://127.0.0.1:{port}/services/audit/"
+    server.stop()
+    store.dispose()
+
+
+async def fetch(url: str, who: str) -> tuple[int, str]:
+    response = await AsyncHTTPClient().fetch(url, headers={"X-Who": who}, raise_error=False, follow_redirects=False)
+    return response.code, response.body.decode()
+
+
+def users_of(fmt: str, body: str) -> list[str]:
+    """The users of the records an export holds."""
+    if fmt == "csv":
+        import csv
+        import io
+
+        return [row["user"] for row in csv.DictReader(io.StringIO(body))]
+    if fmt == "jsonl":
+        return [json.loads(line)["user"] for line in body.splitlines()]
+    graph = json.loads(body)["@graph"]
+    return [e["agent"]["@id"].removeprefix("#user-") for e in graph if e["@type"] == "CreateAction"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "ro-crate"])
+@pytest.mark.parametrize(
+    ("who", "query", "status", "users"),
+    [
+        ("ada", "", 200, ["ada", "ada"]),
+        ("ada", "?user=ada", 200, ["ada", "ada"]),
+        ("ada", "?user=bob", 403, None),
+        ("bob", "", 200, ["bob"]),
+        ("boss", "", 200, ["ada", "bob", "ada"]),
+        ("boss", "?user=bob", 200, ["bob"]),
+        ("eve", "", 403, None),
+    ],
+    ids=["own", "own-by-name", "another-users", "bob-own", "admin-all", "admin-one-user", "no-scope"],
+)
+async def test_an_export_holds_the_readers_own_records_only(
+    records_url: str, fmt: str, who: str, query: str, status: int, users: list[str] | None
+) -> None:
+    code, body = await fetch(f"{records_url}export.{fmt}{query}", who)
+    assert code == status, body
+    if users is not None:
+        assert users_of(fmt, body) == users
+
+
+async def test_the_table_lists_the_readers_own_servers_only(records_url: str) -> None:
+    code, body = await fetch(records_url, "ada")
+    page = Page(body)
+    assert code == 200 and "Your servers and their environments" in body
+    assert [row[:2] for row in page.rows[1:]] == [["r1", "ada"], ["r3", "ada"]]
+    assert page.inputs["user"] == "ada"
+    assert f"{PREFIX}records/r1/ro-crate-metadata.json" in page.links
+    code, body = await fetch(records_url, "boss")
+    assert code == 200 and [row[1] for row in Page(body).rows[1:]] == ["ada", "bob", "ada"]
+    assert (await fetch(records_url + "?user=bob", "ada"))[0] == 403
+    assert (await fetch(records_url, "eve"))[0] == 403
+
+
+@pytest.mark.parametrize("name", ["record.json", "ro-crate-metadata.json", "reproduce.sh"])
+@pytest.mark.parametrize(
+    ("who", "record_id", "status"),
+    [("ada", "r1", 200), ("ada", "r2", 403), ("bob", "r2", 200), ("boss", "r2", 200), ("eve", "r1", 403),
+     ("ada", "r9", 404)],
+    ids=["own", "another-users", "bob-own", "admin", "no-scope", "no-such-record"],
+)
+async def test_one_record_is_the_owners_and_the_admins_and_403_for_anyone_else(
+    records_url: str, name: str, who: str, record_id: str, status: int
+) -> None:
+    code, body = await fetch(f"{records_url}records/{record_id}/{name}", who)
+    assert code == status, body
+    if status != 200:
+        assert record_id not in body and "OMP_NUM_THREADS" not in body
+        return
+    if name == "record.json":
+        assert json.loads(body)["id"] == record_id
+    elif name == "ro-crate-metadata.json":
+        actions = [e for e in json.loads(body)["@graph"] if e["@type"] == "CreateAction"]
+        assert [a["@id"] for a in actions] == [f"#server-{record_id}"]
+    else:  # as `gpuspawner reproduce` prints it, the admin's names redacted too
+        assert body.endswith("docker run --rm -it -p 8888:8888 --gpus 1 -e LICENSE_SERVER -e OMP_NUM_THREADS=4 "
+                              "lab/torch@sha256:" + "c" * 64 + " jupyter server --ip=0.0.0.0 --port=8888\n"), body
+        assert "lic.lab" not in body
+
+
+async def test_a_records_downloads_are_attachments_of_their_type(records_url: str) -> None:
+    response = await AsyncHTTPClient().fetch(f"{records_url}records/r1/ro-crate-metadata.json", headers={"X-Who": "ada"})
+    assert response.headers["Content-Type"] == "application/ld+json; charset=utf-8"
+    assert response.headers["Content-Disposition"] == 'attachment; filename="ro-crate-metadata.json"'
+    response = await AsyncHTTPClient().fetch(f"{records_url}export.ro-crate", headers={"X-Who": "ada"})
+    assert response.headers["Content-Disposition"] == 'attachment; filename="ro-crate-metadata.json"'

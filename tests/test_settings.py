@@ -70,9 +70,11 @@ def test_sizes(value: object, expected: int) -> None:
         ({"GPUSpawner": {"pull_threads": "4"}}, "The 'pull_threads' trait of a GPUSpawner instance expected an int, not the str '4'."),
         ({"GPUSpawner": {"max_gpus_per_group": {"students": -1}}}, "GPUSpawner.max_gpus_per_group['students'] is -1; allowed: a whole number, 0 or more."),
         ({"GPUSpawner": {"nvml_timeout": -1}}, "GPUSpawner.nvml_timeout is -1.0; allowed: a number of seconds, 0 or more."),
+        ({"DockerSpawner": {"environment": {"GPUSPAWNER_RECORD_ID": "made-up"}}},
+         "GPUSpawner.environment: 'GPUSPAWNER_RECORD_ID' is a variable of gpuspawner's own"),
     ],
     ids=["gpu-request", "threshold", "wait-timeout", "injection", "device-requests-in-host-config", "docker-threads",
-         "pull-threads", "group-quota", "nvml-timeout"],
+         "pull-threads", "group-quota", "nvml-timeout", "environment-named-as-gpuspawners"],
 )
 def test_hub_config_check_names_the_trait(config: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:

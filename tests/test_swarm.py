@@ -454,3 +454,70 @@ def test_nvidias_runtime_reads_one_variable_per_kind_as_docker_names_it() -> Non
     assert swarm.resource_variables(host_inventory()) == [
         "DOCKER_RESOURCE_NVIDIA-GPU", "DOCKER_RESOURCE_NVIDIA-MIG-1G.10GB", "DOCKER_RESOURCE_NVIDIA-MIG-3G.40GB",
     ]
+
+
+# --- Nodes whose driver cannot run an image ------------------------------------------------------------
+
+
+def cuda_nodes() -> list[swarm.SwarmNode]:
+    """Three GPU nodes with drivers of CUDA 12.2, 12.4 and 13.0, and one with MIG devices only."""
+    def driver(version: str, cuda: str) -> dict[str, str]:
+        return {swarm.DRIVER_LABEL: version, swarm.CUDA_LABEL: cuda}
+
+    return [swarm.node_from_api(n) for n in (
+        node_json("n1", "gpu01", [(swarm.GPU_KIND, "GPU-1")], labels=gpu_labels(), engine_labels=driver("535.104.05", "12.2")),
+        node_json("n2", "gpu02", [(swarm.GPU_KIND, "GPU-2")], labels=gpu_labels(), engine_labels=driver("550.54.15", "12.4")),
+        node_json("n3", "gpu03", [(swarm.GPU_KIND, "GPU-3")], labels=gpu_labels(), engine_labels=driver("580.65.06", "13.0")),
+        node_json("n4", "mig01", [(swarm.mig_kind("1g.10gb"), "MIG-4")], labels=gpu_labels(), engine_labels=driver("550.54.15", "12.4")),
+    )]
+
+
+def requiring(text: str) -> swarm.cudareq.ImageRequirements:
+    return swarm.cudareq.image_requirements({"NVIDIA_REQUIRE_CUDA": text})
+
+
+@pytest.mark.parametrize(
+    ("text", "request_", "met", "unfit"),
+    [
+        ("cuda>=12.4", GPURequest(count=1), True, {"n1"}),
+        ("cuda>=13.0", GPURequest(count=1), True, {"n1", "n2"}),
+        ("cuda>=12.0", GPURequest(count=1), True, set()),
+        ("cuda>=13.1", GPURequest(count=1), False, {"n1", "n2", "n3"}),
+        ("cuda>=13.0", GPURequest(mig_profile="1g.10gb"), False, {"n4"}),
+    ],
+    ids=["one-node-too-old", "only-the-newest", "all", "none", "mig-node-too-old"],
+)
+def test_a_node_whose_driver_cannot_run_the_image_is_left_out(
+    text: str, request_: GPURequest, met: bool, unfit: set[str],
+) -> None:
+    nodes = swarm.gpu_nodes(request_, cuda_nodes())
+    verdict, found_unfit = swarm.judge_nodes(requiring(text), nodes, image="lab/torch:2")
+    assert (verdict.met, set(found_unfit)) == (met, unfit)
+
+
+def test_where_no_node_can_run_it_the_sentence_names_the_closest() -> None:
+    nodes = swarm.gpu_nodes(GPURequest(count=1), cuda_nodes())
+    verdict, _ = swarm.judge_nodes(requiring("cuda>=13.1"), nodes, image="lab/torch:2")
+    assert verdict.reason == (
+        'Image lab/torch:2 requires CUDA >= 13.1 (NVIDIA_REQUIRE_CUDA="cuda>=13.1"), but node gpu03\'s NVIDIA driver '
+        "580.65.06 supports CUDA 13.0 (the newest of the swarm's 3 nodes with such GPUs). Choose a profile whose "
+        "image fits, or ask an admin to update the driver.")
+
+
+def test_the_node_of_the_granted_devices_is_the_one_judged() -> None:
+    (node,) = swarm.gpu_nodes(GPURequest(count=1), cuda_nodes(), devices=["GPU-2"])
+    assert node.id == "n2"
+    verdict, _ = swarm.judge_nodes(requiring("cuda>=13.0"), [node], image="lab/torch:2")
+    assert not verdict.met and "but node gpu02's NVIDIA driver 550.54.15 supports CUDA 12.4. " in verdict.reason
+
+
+def test_devices_of_unfit_nodes_are_not_allocated_and_swarm_is_told_to_avoid_those_nodes() -> None:
+    nodes = cuda_nodes()
+    inventory = swarm.without_nodes(swarm.cluster_inventory(nodes), {"n1", "n2"})
+    assert [d.uuid for d in inventory.devices] == ["GPU-3", "MIG-4"]
+    grant = allocate(GPURequest(count=1), inventory, {}, holder=Holder("ada"), busy_memory_threshold=GiB)
+    assert isinstance(grant, Grant) and grant.uuids == ("GPU-3",)
+    assert swarm.placement(A100, nodes, avoid={"n2", "n1"}) == [
+        "node.labels.gpuspawner.gpu-model==NVIDIA A100-SXM4-80GB", "node.id!=n1", "node.id!=n2"]
+    assert swarm.placement(None, nodes, avoid={"n1"}) == ["node.id!=n1"]
+    assert swarm.without_nodes(inventory, ()) is inventory
