@@ -54,6 +54,32 @@ def one_gpu_hub_with_ada(start_hub: Any, folder: Path, extra: str = "") -> Runni
     return hub
 
 
+def records_of(hub: RunningHub, user: str) -> list[Any]:
+    """The user's audit records in the hub's store (its default SQLite file), oldest first."""
+    from gpuspawner.store import AuditStore
+
+    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}")
+    try:
+        return [r for r in store.iter_records() if r.user == user]
+    finally:
+        store.dispose()
+
+
+def sealed_record(hub: RunningHub, user: str, *, first: bool = False, timeout: float = 60) -> Any:
+    """The user's last (or first) audit record, once it is sealed."""
+    from testbed import wait_for
+
+    def found() -> Any:
+        mine = records_of(hub, user)
+        record = (mine[0] if first else mine[-1]) if mine else None
+        return record if record is not None and record.sealed else None
+
+    try:
+        return wait_for(found, timeout=timeout, interval=0.3, what=f"{user}'s record to be sealed")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {records_of(hub, user)}\n{hub.log_tail()}") from None
+
+
 def container_of(bed: DockerBed, hub: RunningHub, user: str) -> dict[str, Any]:
     """The one container of `user` made by `hub` (found by its labels)."""
     (c,) = [c for c in bed.containers_labelled(f"gpuspawner.hub={hub.settings.hub_id}") if c["Labels"]["gpuspawner.user"] == user]

@@ -18,7 +18,7 @@ import requests
 import simnvml
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore
-from helpers import container_of, login, sim_config
+from helpers import container_of, login, records_of, sim_config
 from testbed import DockerBed, Registry, free_port, wait_for
 from testbed.hub import BIN, RunningHub
 
@@ -35,10 +35,6 @@ def gpuspawner_cli(hub: RunningHub, *args: str) -> subprocess.CompletedProcess[s
 
 def audit_store(hub: RunningHub) -> AuditStore:
     return AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}")
-
-
-def records_of(hub: RunningHub, user: str) -> list[AuditRecord]:
-    return [r for r in audit_store(hub).iter_records() if r.user == user]
 
 
 def wait_outcome(hub: RunningHub, user: str, outcome: str, timeout: float = 60) -> AuditRecord:

@@ -19,10 +19,8 @@ import pytest
 import requests
 
 import simnvml
-from gpuspawner.audit import AuditRecord
 from gpuspawner.images import parse_image
-from gpuspawner.store import AuditStore
-from helpers import container_of, gpus_cli, login, sim_config
+from helpers import container_of, gpus_cli, login, records_of, sim_config
 from testbed import DockerBed, Registry, wait_for
 from testbed.hub import RunningHub
 
@@ -78,11 +76,6 @@ def hub(start_hub: Callable[..., RunningHub], cuda_images: dict[str, str], tmp_p
     ]
     return start_hub(extra=sim_config(spec, f"c.GPUSpawner.profiles = {profiles!r}\n"
                                             "c.JupyterHub.authenticate_prometheus = False\n"))
-
-
-def records_of(hub: RunningHub, user: str) -> list[AuditRecord]:
-    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}")
-    return [r for r in store.iter_records() if r.user == user]
 
 
 def refusal(image: str, requires: str, quoted: str) -> str:

@@ -22,7 +22,7 @@ from gpuspawner import seams
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore, load_key
 from gpuspawner.times import parse_time
-from helpers import container_of, one_gpu_hub_with_ada, start_swarm_hub
+from helpers import container_of, one_gpu_hub_with_ada, records_of, sealed_record, start_swarm_hub
 from testbed import DockerBed, wait_for
 from testbed.hub import RunningHub
 from testbed.swarm import SwarmBed
@@ -30,28 +30,6 @@ from testbed.swarm import SwarmBed
 pytestmark = pytest.mark.docker
 
 SAME_MOMENT = 1.0  # seconds: a record's end and the engine's may differ by the time it takes to read one
-
-
-def records(hub: RunningHub, user: str) -> list[AuditRecord]:
-    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}")
-    try:
-        return [r for r in store.iter_records() if r.user == user]
-    finally:
-        store.dispose()
-
-
-def sealed(hub: RunningHub, user: str, *, first: bool = True, timeout: float = 60) -> AuditRecord:
-    """The user's first (or last) record, once it is sealed."""
-
-    def found() -> AuditRecord | None:
-        mine = records(hub, user)
-        record = (mine[0] if first else mine[-1]) if mine else None
-        return record if record is not None and record.sealed else None
-
-    try:
-        return wait_for(found, timeout=timeout, interval=0.3, what=f"{user}'s record to be sealed")  # type: ignore[no-any-return]
-    except TimeoutError as e:
-        raise AssertionError(f"{e}: {records(hub, user)}\n{hub.log_tail()}") from None
 
 
 def seconds(text: str | None) -> float:
@@ -80,7 +58,7 @@ def test_a_killed_gpu_servers_record_ends_when_its_container_died_before_the_nex
     gpu0 = simnvml.gpu(0)["uuid"]
     # The hub polls its servers only when asked (a DELETE polls first): it notices ada's death late.
     hub = one_gpu_hub_with_ada(start_hub, tmp_path, "c.Spawner.poll_interval = 3600")
-    wait_for(lambda: records(hub, "ada")[0].outcome == "running", timeout=30, what="ada's record to say running")
+    wait_for(lambda: records_of(hub, "ada")[0].outcome == "running", timeout=30, what="ada's record to say running")
     ada_container = container_of(docker_bed, hub, "ada")["Id"]
     killed = time.time()
     docker_bed.api.kill(ada_container)
@@ -95,13 +73,13 @@ def test_a_killed_gpu_servers_record_ends_when_its_container_died_before_the_nex
     noticed = time.time()
     assert hub.api("DELETE", "/users/ada/server").status_code in (202, 204)
 
-    ada = sealed(hub, "ada")
+    ada = sealed_record(hub, "ada", first=True)
     assert (ada.outcome, ada.exit_code, ada.container_id) == ("died", 137, ada_container), ada
     ada_died = die_event(docker_bed, ada_container, since=killed)
     assert abs(seconds(ada.stopped_at) - ada_finished) <= SAME_MOMENT, (ada.stopped_at, ada_finished, noticed)
     assert abs(seconds(ada.stopped_at) - ada_died) <= SAME_MOMENT, (ada.stopped_at, ada_died, noticed)
     # the two records of the one GPU do not overlap: ada's ends before bob's begins
-    (bob,) = records(hub, "bob")
+    (bob,) = records_of(hub, "bob")
     assert [d.uuid for d in ada.devices] == [d.uuid for d in bob.devices] == [gpu0]
     assert seconds(ada.started_at) <= seconds(ada.stopped_at) <= seconds(bob.started_at), (ada, bob)
 
@@ -145,11 +123,11 @@ def test_a_server_the_hub_stops_ends_its_record_when_its_container_stopped(
     start_hub: Callable[..., RunningHub], docker_bed: DockerBed, tmp_path: Path
 ) -> None:
     hub = one_gpu_hub_with_ada(start_hub, tmp_path)
-    wait_for(lambda: records(hub, "ada")[0].outcome == "running", timeout=30, what="ada's record to say running")
+    wait_for(lambda: records_of(hub, "ada")[0].outcome == "running", timeout=30, what="ada's record to say running")
     container = container_of(docker_bed, hub, "ada")["Id"]
     asked = time.time()
     hub.stop_server("ada")
-    record = sealed(hub, "ada")
+    record = sealed_record(hub, "ada", first=True)
     assert record.outcome == "stopped", record
     died = die_event(docker_bed, container, since=asked)
     assert abs(seconds(record.stopped_at) - died) <= SAME_MOMENT, (record.stopped_at, died)
@@ -179,7 +157,7 @@ def test_a_swarm_servers_record_ends_when_its_task_ended_not_when_the_hub_notice
     hub = swarm_hub
     assert hub.spawn("ada").status_code in (201, 202)
     hub.wait_ready("ada", timeout=180)
-    placed = wait_for(lambda: (r := records(hub, "ada")[0]).container_id and r.hostname and r.outcome == "running" and r,
+    placed = wait_for(lambda: (r := records_of(hub, "ada")[0]).container_id and r.hostname and r.outcome == "running" and r,
                       timeout=60, interval=0.5, what="ada's record to name her task's container and node")
     with contextlib.closing(swarm_bed.worker(placed.hostname).client()) as worker:
         killed = time.time()
@@ -195,7 +173,7 @@ def test_a_swarm_servers_record_ends_when_its_task_ended_not_when_the_hub_notice
     time.sleep(max(0.0, killed + 4 - time.time()))
     assert hub.api("DELETE", "/users/ada/server").status_code in (202, 204)  # the hub polls first: it notices now
 
-    ada = sealed(hub, "ada")
+    ada = sealed_record(hub, "ada", first=True)
     assert ada.outcome == "died" and "failed" in (ada.error or ""), ada
     task_ended = seconds(task["Status"]["Timestamp"])
     assert abs(seconds(ada.stopped_at) - task_ended) <= SAME_MOMENT, (ada.stopped_at, task["Status"], killed)

@@ -21,32 +21,11 @@ import simnvml
 from gpuspawner import reconcile, seams
 from gpuspawner.audit import AuditRecord
 from gpuspawner.store import AuditStore, load_key
-from helpers import container_of, one_gpu_hub_with_ada, sim_config
+from helpers import container_of, one_gpu_hub_with_ada, records_of, sealed_record, sim_config
 from testbed import TESTBED_DIR, DockerBed, wait_for
 from testbed.hub import RunningHub
 
 pytestmark = pytest.mark.docker
-
-
-def records(hub: RunningHub, user: str) -> list[AuditRecord]:
-    store = AuditStore(f"sqlite:///{hub.settings.workdir / 'gpuspawner-audit.sqlite'}")
-    try:
-        return [r for r in store.iter_records() if r.user == user]
-    finally:
-        store.dispose()
-
-
-def sealed_record(hub: RunningHub, user: str, *, timeout: float = 60) -> AuditRecord:
-    """The user's one record, once it is sealed."""
-
-    def found() -> AuditRecord | None:
-        mine = records(hub, user)
-        return mine[-1] if mine and mine[-1].sealed else None
-
-    try:
-        return wait_for(found, timeout=timeout, interval=0.3, what=f"{user}'s record to be sealed")  # type: ignore[no-any-return]
-    except TimeoutError as e:
-        raise AssertionError(f"{e}: {records(hub, user)}\n{hub.log_tail()}") from None
 
 
 def writing_store(hub: RunningHub) -> AuditStore:
@@ -60,7 +39,7 @@ def writing_store(hub: RunningHub) -> AuditStore:
 def spawn_until_waiting_for_answer(hub: RunningHub, user: str) -> None:
     """Spawn `user`'s server and return once JupyterHub has stored it and waits for it to answer."""
     assert hub.spawn(user).status_code == 202
-    wait_for(lambda: any(r.outcome == "starting" for r in records(hub, user)), timeout=60,
+    wait_for(lambda: any(r.outcome == "starting" for r in records_of(hub, user)), timeout=60,
              what=f"{user}'s container to be starting")
     time.sleep(1)
 
@@ -218,9 +197,9 @@ c.DockerSpawner.cmd = ["sh", "-c", 'sleep 8; exec jupyterhub-singleuser "$@"', "
     hub.kill()
     hub.start()
     hub.wait_ready("ada")
-    wait_for(lambda: records(hub, "ada")[-1].outcome == "running", timeout=30,
-             what=f"ada's record to say running: {records(hub, 'ada')}")
-    (record,) = records(hub, "ada")
+    wait_for(lambda: records_of(hub, "ada")[-1].outcome == "running", timeout=30,
+             what=f"ada's record to say running: {records_of(hub, 'ada')}")
+    (record,) = records_of(hub, "ada")
     assert not record.sealed and record.ready_at
     hub.stop_server("ada")
     assert sealed_record(hub, "ada").outcome == "stopped"
@@ -310,7 +289,7 @@ def test_a_stop_during_a_locked_audit_database_stops_the_server_and_seals_its_re
     hub = start_hub()
     assert hub.spawn("ada").status_code in (201, 202)
     hub.wait_ready("ada")
-    wait_for(lambda: records(hub, "ada")[-1].outcome == "running", timeout=30, what="ada's record to say running")
+    wait_for(lambda: records_of(hub, "ada")[-1].outcome == "running", timeout=30, what="ada's record to say running")
     lock = sqlite3.connect(tmp_path / "gpuspawner-audit.sqlite", timeout=1, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     try:
@@ -333,7 +312,7 @@ def test_an_image_chosen_from_allowed_images_is_the_one_recorded(
     hub = start_hub(extra=f"c.DockerSpawner.allowed_images = {{'jupyter': {singleuser_image!r}, 'light': {light_image!r}}}\n"
                           "c.DockerSpawner.cmd = ['python3', '/light.py']\n")
     hub.spawn("ada", options={"image": "light"})
-    record = wait_for(lambda: next((r for r in records(hub, "ada") if r.container_image_id), None), timeout=60,
+    record = wait_for(lambda: next((r for r in records_of(hub, "ada") if r.container_image_id), None), timeout=60,
                       what="ada's record to name her container's image")
     light_id = docker_bed.api.inspect_image(light_image)["Id"]
     # the image the engine created the container from is the one the record names
@@ -363,7 +342,7 @@ c.Spawner.pre_spawn_hook = read_limit
     (second,) = hub_containers(docker_bed, hub.settings.hub_id, "ada")
     assert second["Id"] != first["Id"]
     assert docker_bed.api.inspect_container(second["Id"])["HostConfig"]["Memory"] == 400 * 2**20
-    assert records(hub, "ada")[-1].mem_limit == 400 * 2**20
+    assert records_of(hub, "ada")[-1].mem_limit == 400 * 2**20
     hub.stop_server("ada")
     assert hub.spawn("ada").status_code in (201, 202)  # nothing changed: the kept container is started
     hub.wait_ready("ada")
